@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.memlm-installed
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: a looser requirement would let pip pull a newer CUDA build (several GB).
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/memlm demo --out runs/demo
+
+test: install
+	$(VENV)/bin/ruff check memlm tests benchmarks
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check memlm tests benchmarks
+	$(VENV)/bin/ruff format --check memlm tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format memlm tests benchmarks
+	$(VENV)/bin/ruff check --fix memlm tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

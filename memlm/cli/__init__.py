@@ -1,0 +1,48 @@
+"""The ``memlm`` console script.
+
+Every module in this package that defines ``register(subparsers)`` adds one subcommand; its handler
+is stored with ``set_defaults(func=...)`` and imports heavy libraries only when it runs, so
+``memlm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from memlm import __version__
+from memlm.errors import MemlmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memlm",
+        description="Language models with explicit, editable memory.",
+    )
+    parser.add_argument("--version", action="version", version=f"memlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MemlmError as err:
+        print(f"memlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"memlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

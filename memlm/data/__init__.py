@@ -1,0 +1,1 @@
+"""Data: knowledge benchmarks (bios, geo), ingestion, LMLM annotation, QA, and packed token files."""
