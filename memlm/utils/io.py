@@ -35,4 +35,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:
     """Write JSON atomically (sorted keys, so equal objects give byte-identical files)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(
+            json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+        )

@@ -1,0 +1,273 @@
+"""Generation with a KV cache: greedy or sampled, batched with left padding, streamed, with step hooks.
+
+A step hook runs before every forward call (the first one before the prompt's). It sees a
+:class:`DecodeState` and may change it: replace ``state.memory`` (Memory³ retrieves every N tokens), queue
+tokens to feed instead of sampling with ``state.force`` (LMLM pauses at ``<|db_return|>``, looks the fact up,
+and resumes with the answer — the cache is kept, the batch goes on), record what it used
+(``state.record``), or finish a row. Forced tokens go through the same cached forward as sampled ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from memlm.model.gpt import GPT
+    from memlm.model.memory import MemoryContext
+    from memlm.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop_token_ids: tuple[int, ...] = ()  # in addition to EOS
+    seed: int | None = None  # sampling seed; None: torch's global generator
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, a stop token or string) | "length"
+    retrieved: list[int] | None = None  # bank entry ids the answer used, in first-use order
+    trace: list[dict[str, Any]] = field(default_factory=list)  # the memory design's events (lookups, ...)
+
+
+@dataclass
+class DecodeState:
+    """Per-batch decoding state that step hooks read and change."""
+
+    step: int  # tokens generated so far (0 before the prompt's forward)
+    tokens: list[list[int]]  # generated tokens per row
+    finished: list[bool]
+    memory: MemoryContext | None = None  # handed to the model's next forward call
+    forced: list[deque[int]] = field(default_factory=list)
+    trace: list[list[dict[str, Any]]] = field(default_factory=list)
+    retrieved: list[list[int]] = field(default_factory=list)
+
+    def force(self, row: int, token_ids: Sequence[int]) -> None:
+        """Feed these tokens next on ``row`` instead of sampling (teacher-forced, cache kept)."""
+        self.forced[row].extend(token_ids)
+
+    def record(self, row: int, *, entry_ids: Sequence[int] = (), **event: Any) -> None:
+        self.trace[row].append({"step": self.step, **event, "entry_ids": list(entry_ids)})
+        self.retrieved[row].extend(i for i in entry_ids if i not in self.retrieved[row])
+
+
+StepHook = Callable[[DecodeState], None]
+
+
+def sample_next(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if config.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > config.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def iter_decode(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    pad_id: int,
+    eos_id: int,
+    hook: StepHook | None = None,
+    memory: MemoryContext | None = None,
+) -> Iterator[tuple[Tensor, DecodeState]]:
+    """Decode a batch; yield ``(next_tokens (B,), state)`` after every step. Finished rows get ``pad_id``."""
+    B = len(prompts)
+    if B == 0:
+        return
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (add BOS)")
+    L, N = max(len(p) for p in prompts), config.max_new_tokens
+    if L + N > model.config.block_size:
+        raise ValueError(
+            f"prompt ({L} tokens) + max_new_tokens ({N}) exceeds the model's block_size ({model.config.block_size})"
+        )
+    device = model.device
+    ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, L + N, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at column L - 1
+        ids[i, L - len(p) :] = torch.tensor(list(p), device=device)
+        mask[i, L - len(p) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+
+    state = DecodeState(
+        step=0,
+        tokens=[[] for _ in range(B)],
+        finished=[False] * B,
+        memory=memory,
+        forced=[deque() for _ in range(B)],
+        trace=[[] for _ in range(B)],
+        retrieved=[[] for _ in range(B)],
+    )
+    stop_ids = {eos_id, *config.stop_token_ids}
+    gen = None
+    if config.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+
+    cache = model.new_cache(B, L + N)
+    inputs, start = ids, 0
+    for step in range(N):
+        if hook is not None:
+            hook(state)
+        width = inputs.shape[1]
+        out = model(
+            inputs,
+            attention_mask=mask[:, : start + width],
+            position_ids=pos[:, start : start + width],
+            cache=cache,
+            memory=state.memory,
+        )
+        nxt = sample_next(out.logits[:, -1], config, gen)
+        for i in range(B):
+            if state.finished[i]:
+                nxt[i] = pad_id
+                continue
+            if state.forced[i]:
+                nxt[i] = state.forced[i].popleft()
+            tok = int(nxt[i])
+            state.tokens[i].append(tok)
+            if tok in stop_ids and not state.forced[i]:
+                state.finished[i] = True
+        state.step = step + 1
+        yield nxt, state
+        if all(state.finished):
+            break
+        # A finished row keeps decoding padding (the batch stays rectangular) but nothing attends to it.
+        mask[:, L + step] = torch.tensor([not f for f in state.finished], device=device)
+        inputs, start = nxt[:, None], L + step
+
+
+def decode(model: GPT, prompts: Sequence[Sequence[int]], config: GenerationConfig, **kw: Any) -> DecodeState:
+    """Run :func:`iter_decode` to the end and return the final state (generated tokens, traces)."""
+    state = DecodeState(step=0, tokens=[[] for _ in prompts], finished=[True] * len(prompts))
+    for _, state in iter_decode(model, prompts, config, **kw):  # noqa: B007 - the last state is the result
+        pass
+    return state
+
+
+class Generator:
+    """A model and its tokenizer: text in, :class:`Generation` out (the object QA evaluation calls)."""
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, *, hook_factory: Callable[[], StepHook] | None = None
+    ):
+        self.model, self.tokenizer, self.hook_factory = model.eval(), tokenizer, hook_factory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str = "cpu") -> Generator:
+        from memlm.model.checkpoint import load_pretrained
+
+        model, tokenizer = load_pretrained(directory, device=device)
+        return cls(model, tokenizer)
+
+    def _config(self, max_new_tokens: int, stop_tokens: Sequence[str], **kw: Any) -> GenerationConfig:
+        stop_ids = tuple(self.tokenizer.token_id(t) for t in stop_tokens)
+        return GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, **kw)
+
+    def _stop_string_hook(self, stop: Sequence[str], inner: StepHook | None) -> StepHook | None:
+        if not stop:
+            return inner
+
+        def hook(state: DecodeState) -> None:
+            for i, toks in enumerate(state.tokens):
+                if not state.finished[i] and toks and any(s in self.tokenizer.decode(toks) for s in stop):
+                    state.finished[i] = True
+            if inner is not None:
+                inner(state)
+
+        return hook
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        stop: Sequence[str] = (),
+        stop_tokens: Sequence[str] = (),
+        batch_size: int = 32,
+        **sampling: Any,
+    ) -> list[Generation]:
+        """Generate for each prompt; ``stop`` strings end a row and are cut from its text.
+
+        ``sampling``: temperature, top_k, top_p, seed (see :class:`GenerationConfig`). Greedy by default.
+        """
+        config = self._config(max_new_tokens, stop_tokens, **sampling)
+        tok = self.tokenizer
+        results: list[Generation] = []
+        for b in range(0, len(prompts), batch_size):
+            chunk = list(prompts[b : b + batch_size])
+            inner = self.hook_factory() if self.hook_factory else None
+            state = decode(
+                self.model,
+                tok.encode_batch(chunk, bos=True),
+                config,
+                pad_id=tok.pad_id,
+                eos_id=tok.eos_id,
+                hook=self._stop_string_hook(stop, inner),
+            )
+            for i, prompt in enumerate(chunk):
+                toks = state.tokens[i]
+                text = tok.decode(toks)
+                cut = min((text.index(s) for s in stop if s in text), default=None)
+                stopped = cut is not None or (toks and toks[-1] in {tok.eos_id, *config.stop_token_ids})
+                results.append(
+                    Generation(
+                        prompt=prompt,
+                        text=text if cut is None else text[:cut],
+                        token_ids=toks,
+                        finish_reason="stop" if stopped else "length",
+                        retrieved=state.retrieved[i] if state.trace[i] else None,
+                        trace=state.trace[i],
+                    )
+                )
+        return results
+
+    def stream(
+        self, prompt: str, *, max_new_tokens: int = 32, stop_tokens: Sequence[str] = (), **sampling: Any
+    ) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece, as it is decoded."""
+        config = self._config(max_new_tokens, stop_tokens, **sampling)
+        tok = self.tokenizer
+        shown, text = "", ""
+        hook = self.hook_factory() if self.hook_factory else None
+        for _, state in iter_decode(
+            self.model,
+            [tok.encode(prompt, bos=True)],
+            config,
+            pad_id=tok.pad_id,
+            eos_id=tok.eos_id,
+            hook=hook,
+        ):
+            text = tok.decode(state.tokens[0])
+            if not text.endswith("\ufffd") and text.startswith(
+                shown
+            ):  # wait for a multi-byte char to complete
+                yield text[len(shown) :]
+                shown = text
+        if text != shown:  # whatever is left, even bytes that never formed a character
+            yield text[len(shown) :] if text.startswith(shown) else text
