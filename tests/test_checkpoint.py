@@ -39,7 +39,7 @@ def test_fingerprint_changes_with_weights(saved):
     model, _ = saved
     before = model.fingerprint()
     with torch.no_grad():
-        model.blocks[0].attn.wq.weight[0, 0] += 1e-3
+        model.blocks[0].attn.wqkv.weight[0, 0] += 1e-3
     assert model.fingerprint() != before
 
 

@@ -1,0 +1,74 @@
+"""``memlm generate``: text from a trained model folder, printed or streamed, optionally as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memlm.errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a trained model",
+        description="Generate from a model folder (model.safetensors, config.json, tokenizer.json).",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model folder, e.g. runs/demo/final")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable), e.g. '\\n'")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are decoded (one prompt)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt (text, tokens, trace)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read prompts ({err})", path=args.prompts_file) from err
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise InputError("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from memlm.generate import Generator
+
+    prompts = _prompts(args)
+    stops = [s.encode().decode("unicode_escape") for s in args.stop]  # lets a shell pass '\n'
+    gen = Generator.from_pretrained(args.model, device=args.device)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.stream:
+        if len(prompts) != 1:
+            raise InputError("--stream takes exactly one prompt")
+        sys.stdout.write(prompts[0])
+        for piece in gen.stream(prompts[0], max_new_tokens=args.max_new_tokens, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    outs = gen.generate(
+        prompts, max_new_tokens=args.max_new_tokens, stop=stops, batch_size=args.batch_size, **sampling
+    )
+    for o in outs:
+        if args.json:
+            print(json.dumps({"prompt": o.prompt, "text": o.text, "finish_reason": o.finish_reason,
+                              "token_ids": o.token_ids, "retrieved": o.retrieved, "trace": o.trace},
+                             ensure_ascii=False))  # fmt: skip
+        else:
+            print(f"{o.prompt}{o.text}")
+    return 0
