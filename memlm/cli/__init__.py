@@ -2,7 +2,9 @@
 
 Every module in this package that defines ``register(subparsers)`` adds one subcommand; its handler
 is stored with ``set_defaults(func=...)`` and imports heavy libraries only when it runs, so
-``memlm --help`` is instant.
+``memlm --help`` is instant. A subcommand that sets ``set_defaults(overrides=[])`` also receives the
+options argparse does not know (dotted config overrides such as ``--train.lr 3e-4``) in ``args.overrides``;
+any other subcommand rejects them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if getattr(args, "overrides", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = extras
     try:
         return int(args.func(args) or 0)
     except MemlmError as err:
