@@ -1,0 +1,1 @@
+"""Evaluation: knowledge QA (exact match, per split and relation, retrieval hit rate)."""

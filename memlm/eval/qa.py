@@ -1,0 +1,201 @@
+"""Knowledge QA: greedy answers to held-out questions, scored by normalised exact match.
+
+Works with any object that has ``generate(prompts: list[str], *, max_new_tokens: int) -> list`` whose items
+are ``str`` or have ``.text`` and, for models that retrieve, ``.retrieved`` (bank entry ids the answer
+used). "Hit" = the gold fact's entry id is among them. Entry ids come from ``fact_to_entry_id(record)``;
+the default is the record's ``fact_id`` — its line index in ``facts.jsonl`` — which is the bank id when
+``facts.jsonl`` is imported in order into a fresh bank. Pass a mapping otherwise (e.g. a bank lookup by
+``(subject, relation)``).
+
+An answer is cut at its first newline (the QA format puts one answer on the line after "A:"), LMLM lookup
+calls are removed, then both sides are normalised SQuAD-style (case, punctuation, articles, spaces).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from memlm.data.annotate import strip_calls
+from memlm.errors import InputError
+from memlm.utils.io import atomic_path, write_json
+
+QA_FIELDS = {"prompt": str, "answer": str, "subject": str, "relation": str, "fact_id": int, "split": str}
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+@dataclass(frozen=True, slots=True)
+class QARecord:
+    prompt: str
+    answer: str
+    subject: str
+    relation: str
+    fact_id: int
+    split: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    fact_id: int
+    split: str
+    relation: str
+    prompt: str
+    answer: str
+    output: str  # raw generated text
+    correct: bool
+    hit: bool | None  # None: the model reported no retrieval
+
+
+@dataclass
+class QAReport:
+    n: int
+    em: float
+    per_split: dict[str, dict[str, float]]
+    per_relation: dict[str, dict[str, float]]
+    retrieval: dict[str, float] | None  # hit_rate, em_given_hit, em_given_miss, n (answers with a trace)
+    predictions: list[Prediction] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        """Everything but the predictions, JSON-ready."""
+        d = asdict(self)
+        d.pop("predictions")
+        return d
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (NFKC first, so unicode forms agree)."""
+    text = unicodedata.normalize("NFKC", text).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def extract_answer(generated: str) -> str:
+    """The answer part of a generation: lookup calls removed, cut at the first newline."""
+    return strip_calls(generated).split("\n", 1)[0]
+
+
+def exact_match(generated: str, answer: str) -> bool:
+    return normalize_answer(extract_answer(generated)) == normalize_answer(answer)
+
+
+def load_qa(data_dir: str | os.PathLike, split: str) -> list[QARecord]:
+    """QA records of ``data_dir/qa/{split}.jsonl``; ``split="all"`` = seen + unseen. Bad lines name the field."""
+    splits = ("seen", "unseen") if split == "all" else (split,)
+    records = []
+    for s in splits:
+        path = Path(data_dir) / "qa" / f"{s}.jsonl"
+        if not path.is_file():
+            raise InputError(f"no QA file for split {s!r}", path=path)
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"invalid JSON ({err.msg})", path=path, line=lineno) from None
+                if not isinstance(obj, dict):
+                    raise InputError("expected a JSON object", path=path, line=lineno)
+                for key, typ in QA_FIELDS.items():
+                    if not isinstance(obj.get(key), typ):
+                        raise InputError(f"expected {typ.__name__}", path=path, line=lineno, field=key)
+                records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}))
+    return records
+
+
+def _text_and_retrieved(item) -> tuple[str, list[int] | None]:
+    if isinstance(item, str):
+        return item, None
+    retrieved = getattr(item, "retrieved", None)
+    return item.text, (None if retrieved is None else [int(i) for i in retrieved])
+
+
+def _rate(values: list[bool]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def evaluate_qa(
+    generator,
+    records: Sequence[QARecord],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    fact_to_entry_id: Callable[[QARecord], int | None] | None = None,
+    progress: bool = False,
+) -> QAReport:
+    """Ask every question, greedy, in batches; score EM per split and relation, and retrieval hits."""
+    from tqdm import tqdm
+
+    entry_id = fact_to_entry_id or (lambda r: r.fact_id)
+    preds: list[Prediction] = []
+    for start in tqdm(range(0, len(records), batch_size), desc="qa", disable=not progress):
+        batch = records[start : start + batch_size]
+        outputs = generator.generate([r.prompt for r in batch], max_new_tokens=max_new_tokens)
+        if len(outputs) != len(batch):
+            raise ValueError(f"generate returned {len(outputs)} items for {len(batch)} prompts")
+        for r, item in zip(batch, outputs):
+            text, retrieved = _text_and_retrieved(item)
+            hit = None if retrieved is None else entry_id(r) in retrieved
+            ok = exact_match(text, r.answer)
+            preds.append(Prediction(r.fact_id, r.split, r.relation, r.prompt, r.answer, text, ok, hit))
+
+    def group(key) -> dict[str, dict[str, float]]:
+        out: dict[str, list[bool]] = {}
+        for p in preds:
+            out.setdefault(key(p), []).append(p.correct)
+        return {k: {"n": len(v), "em": _rate(v)} for k, v in sorted(out.items())}
+
+    traced = [p for p in preds if p.hit is not None]
+    retrieval = None
+    if traced:
+        hits = [p.correct for p in traced if p.hit]
+        misses = [p.correct for p in traced if not p.hit]
+        retrieval = {
+            "n": len(traced),
+            "hit_rate": len(hits) / len(traced),
+            "em_given_hit": _rate(hits),
+            "em_given_miss": _rate(misses),
+        }
+    return QAReport(
+        n=len(preds),
+        em=_rate([p.correct for p in preds]),
+        per_split=group(lambda p: p.split),
+        per_relation=group(lambda p: p.relation),
+        retrieval=retrieval,
+        predictions=preds,
+    )
+
+
+def markdown_table(report: QAReport, *, title: str = "QA exact match") -> str:
+    lines = [f"### {title}", "", "| group | n | EM |", "| --- | ---: | ---: |"]
+    lines.append(f"| **all** | {report.n} | {report.em:.3f} |")
+    lines += [f"| split: {k} | {v['n']} | {v['em']:.3f} |" for k, v in report.per_split.items()]
+    lines += [f"| relation: {k} | {v['n']} | {v['em']:.3f} |" for k, v in report.per_relation.items()]
+    if report.retrieval:
+        r = report.retrieval
+        lines += [
+            "",
+            "| retrieval | n | hit rate | EM given hit | EM given miss |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| gold fact retrieved | {r['n']} | {r['hit_rate']:.3f} | {r['em_given_hit']:.3f} | {r['em_given_miss']:.3f} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    report: QAReport, out_dir: str | os.PathLike, name: str, *, meta: dict | None = None
+) -> Path:
+    """Write ``{name}.json`` (summary + meta), ``{name}.md`` and ``{name}_predictions.jsonl``; return the JSON path."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"{name}.json"
+    write_json(path, {**(meta or {}), **report.summary()})
+    with atomic_path(out_dir / f"{name}.md") as tmp:
+        tmp.write_text(markdown_table(report, title=f"QA exact match — {name}"), encoding="utf-8")
+    with atomic_path(out_dir / f"{name}_predictions.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
+        for p in report.predictions:
+            f.write(json.dumps(asdict(p), sort_keys=True, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,65 @@
+"""`memlm data bios|geo|ingest` and `memlm eval qa` from the command line."""
+
+import json
+
+import pytest
+
+from memlm.cli import main
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    assert "bios" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "qa", "--help"])
+    assert "--split" in capsys.readouterr().out
+
+
+def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bios"
+    assert main(["data", "bios", "--people", "50", "--seed", "1", "--out", str(out), "--low-data", "10"]) == 0
+    assert (out / "corpus/train.jsonl").exists() and (out / "corpus/low_10.jsonl").exists()
+    assert not (out / "corpus/low_1.jsonl").exists()
+    answers = {
+        json.loads(x)["prompt"]: json.loads(x)["answer"]
+        for x in (out / "qa/unseen.jsonl").read_text().splitlines()
+    }
+
+    class Fake:
+        def generate(self, prompts, *, max_new_tokens):
+            # Right for the first half of the questions only.
+            return [" " + answers[p] if i < len(prompts) // 2 else " wrong" for i, p in enumerate(prompts)]
+
+    import memlm.generate
+
+    seen = {}
+
+    def from_pretrained(directory, device="cpu"):
+        seen["dir"] = directory
+        return Fake()
+
+    monkeypatch.setattr(memlm.generate.Generator, "from_pretrained", staticmethod(from_pretrained))
+    model = tmp_path / "model"
+    rc = main(
+        ["eval", "qa", "--model", str(model), "--data", str(out), "--split", "unseen", "--batch-size", "1000"]
+    )
+    assert rc == 0 and seen["dir"] == str(model)
+    report = json.loads((model / "eval/qa_unseen.json").read_text())
+    assert report["n"] == len(answers) and report["em"] == pytest.approx((len(answers) // 2) / len(answers))
+    assert "| **all** |" in capsys.readouterr().out
+
+
+def test_ingest_error_is_one_line_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"subject": "a", "relation": "b"}\n')
+    assert main(["data", "ingest", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1:" in err and "'object'" in err and not (tmp_path / "o").exists()
+
+
+def test_bad_options_are_user_errors(tmp_path, capsys):
+    assert main(["data", "bios", "--people", "0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["data", "bios", "--edit-share", "2", "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", "qa", "--model", "m", "--data", str(tmp_path), "--split", "seen"]) == 2
+    assert not (tmp_path / "x").exists()
