@@ -15,8 +15,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+MEMLM := $(VENV)/bin/memlm
+DEMO := runs/demo
+
+# The main job end to end, embedded (no server): data -> train -> evaluate -> generate.
+# Re-running resumes the finished training instead of starting over.
 demo: install
-	$(VENV)/bin/memlm demo --out runs/demo
+	$(MEMLM) data bios --people 1000 --seed 0 --out $(DEMO)/bios
+	$(MEMLM) train --config configs/demo.yaml --resume
+	$(MEMLM) eval qa --model $(DEMO)/dense/final --data $(DEMO)/bios --split seen --limit 300
+	$(MEMLM) eval qa --model $(DEMO)/dense/final --data $(DEMO)/bios --split unseen --limit 300
+	$(MEMLM) generate --model $(DEMO)/dense/final --stop '\n' --prompts-file $(DEMO)/bios/qa/seen.jsonl --limit 4
 
 test: install
 	$(VENV)/bin/ruff check memlm tests benchmarks

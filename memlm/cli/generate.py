@@ -18,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, type=Path, help="model folder, e.g. runs/demo/final")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="one prompt per line (.txt), or JSONL whose objects have a 'prompt' field (e.g. a qa/*.jsonl file)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -39,10 +44,26 @@ def _prompts(args: argparse.Namespace) -> list[str]:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"cannot read prompts ({err})", path=args.prompts_file) from err
-        prompts += [line for line in lines if line.strip()]
+        if args.prompts_file.suffix == ".jsonl":
+            prompts += [
+                _prompt_field(line, args.prompts_file, i) for i, line in enumerate(lines, 1) if line.strip()
+            ]
+        else:
+            prompts += [line for line in lines if line.strip()]
+    prompts = prompts[: args.limit] if args.limit is not None else prompts
     if not prompts:
         raise InputError("give at least one --prompt or a --prompts-file")
     return prompts
+
+
+def _prompt_field(line: str, path: Path, lineno: int) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"not valid JSON ({err.msg})", path=path, line=lineno) from err
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise InputError("expected an object with a string", path=path, line=lineno, field="prompt")
+    return obj["prompt"]
 
 
 def run(args: argparse.Namespace) -> int:
