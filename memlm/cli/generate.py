@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from memlm.generate import Generator
 
     prompts = _prompts(args)
-    stops = [s.encode().decode("unicode_escape") for s in args.stop]  # lets a shell pass '\n'
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]  # a shell passes '\n' literally
     gen = Generator.from_pretrained(args.model, device=args.device)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.stream:
