@@ -1,0 +1,168 @@
+"""Retriever: a bank, an encoder and a vector index kept in step with the bank's edits.
+
+The index records the bank version it reflects. ``refresh()`` (called before every search) reads the ids the
+log says changed since then, re-encodes only those (the vector cache is keyed by content hash), removes
+them from the index and re-adds the ones that still exist. So an edit is visible to the next search, and a
+deleted entry can never be returned. A saved index whose encoder fingerprint differs is rebuilt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from memlm.bank.entry import Entry
+from memlm.bank.store import MemoryBank
+from memlm.bank.vectors import VectorCache
+from memlm.encode.base import Encoder
+from memlm.index.base import IndexFileError, ShardedIndex, load_index
+
+# Past this fraction of the bank changed, re-adding everything is cheaper than incremental edits.
+_REBUILD_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    entry: Entry
+
+
+def index_dir(bank: MemoryBank, name: str) -> Path:
+    return bank.path / "indexes" / name
+
+
+class Retriever:
+    """Search a bank by text or vector. ``kind``: "exact" | "faiss" | "pk"; ``params`` go to the index class."""
+
+    def __init__(self, bank: MemoryBank, encoder: Encoder, index: ShardedIndex) -> None:
+        self.bank, self.encoder, self.index = bank, encoder, index
+        self.cache = VectorCache(bank, encoder)
+        self.dirty = False  # the in-memory index differs from what is saved (save() to keep it)
+
+    @classmethod
+    def build(
+        cls, bank: MemoryBank, encoder: Encoder, *, kind: str = "exact", progress: bool = False, **params
+    ) -> Retriever:
+        """Encode what is missing and build the index from every entry's vector (the bank is the source)."""
+        from memlm.index import KINDS
+
+        if kind not in KINDS:
+            raise IndexFileError(f"unknown index kind {kind!r} (known: {', '.join(KINDS)})")
+        index = KINDS[kind](dim=encoder.dim, **params)
+        self = cls(bank, encoder, index)
+        self._rebuild(progress=progress)
+        return self
+
+    def _rebuild(self, *, progress: bool = False) -> None:
+        version = self.bank.version
+        self.cache.sync(progress=progress)
+        n = self.cache.count()
+        ids = np.empty(n, np.int64)
+        vecs = np.empty((n, self.encoder.dim), np.float32)
+        namespaces: list[str] = []
+        i = 0
+        for bid, bvec, bns in tqdm(self.cache.iter_all(), desc="load vectors", disable=not progress):
+            m = min(len(bid), n - i)  # entries added meanwhile are picked up by the next refresh
+            ids[i : i + m], vecs[i : i + m] = bid[:m], bvec[:m]
+            namespaces += bns[:m]
+            i += m
+        self.index.shards.clear()
+        self.index.add(ids[:i], vecs[:i], namespaces, replace=False)
+        self.index.meta = {
+            "bank_version": version,
+            "fingerprint": self.encoder.fingerprint,
+            "kind": self.index.kind,
+        }
+
+    @classmethod
+    def open(cls, bank: MemoryBank, encoder: Encoder, *, name: str) -> Retriever:
+        """Load the index saved as ``name`` in the bank folder and bring it up to date."""
+        index = load_index(index_dir(bank, name))
+        if index.meta.get("fingerprint") != encoder.fingerprint or index.dim != encoder.dim:
+            # vectors from another encoder/checkpoint are invalid here: same kind and settings, rebuilt
+            self = cls(bank, encoder, type(index)(dim=encoder.dim, **index.params))
+            self._rebuild()
+        else:
+            self = cls(bank, encoder, index)
+            self.refresh()
+        return self
+
+    def save(self, name: str) -> Path:
+        path = index_dir(self.bank, name)
+        self.index.save(path)
+        self.dirty = False
+        return path
+
+    def refresh(self) -> int:
+        """Apply the bank's edits since the index was built. Returns the number of entries re-indexed."""
+        version = self.bank.version
+        since = self.index.meta.get("bank_version", -1)
+        if version == since:
+            return 0
+        changed = self.bank.changed_since(since)
+        if len(changed) > _REBUILD_FRACTION * max(len(self.index), 1) + 1000:
+            self._rebuild()
+            return len(changed)
+        self.cache.sync(changed)
+        self.index.remove(np.asarray(changed, np.int64))
+        ids, vecs, namespaces = self.cache.fetch(changed)
+        self.index.add(ids, vecs, namespaces, replace=False)
+        self.index.meta["bank_version"] = version
+        self.dirty = True
+        return len(changed)
+
+    def search(
+        self, queries: Sequence[str] | np.ndarray, k: int = 10, namespaces: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Texts or (B, dim) vectors -> (scores (B, k), ids (B, k) int64, -1 = no hit), after a refresh."""
+        self.refresh()
+        if not isinstance(queries, np.ndarray):
+            queries = self.encoder.encode(list(queries))
+        return self.index.search(queries, k, namespaces)
+
+    def search_entries(
+        self, queries: Sequence[str] | np.ndarray, k: int = 10, namespaces: Sequence[str] | None = None
+    ) -> list[list[Hit]]:
+        """Like :meth:`search` but returns the entries; one that vanished meanwhile is dropped."""
+        scores, ids = self.search(queries, k, namespaces)
+        entries = self.bank.get_many([int(i) for i in ids.ravel() if i >= 0], missing_ok=True)
+        by_id = {e.id: e for e in entries if e is not None}
+        allowed = set(namespaces) if namespaces is not None else None
+        return [
+            [Hit(float(s), by_id[int(i)]) for s, i in zip(srow, irow)
+             if int(i) in by_id and (allowed is None or by_id[int(i)].namespace in allowed)]
+            for srow, irow in zip(scores, ids)
+        ]  # fmt: skip
+
+
+def verify_indexes(bank: MemoryBank) -> list[str]:
+    """Each saved index loads, and if it claims to be current its ids equal the entries with vectors."""
+    problems: list[str] = []
+    root = bank.path / "indexes"
+    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        try:
+            index = load_index(path)
+        except IndexFileError as e:
+            problems.append(str(e))
+            continue
+        meta = index.meta
+        if meta.get("bank_version") != bank.version:
+            continue  # stale is fine: it is refreshed from the log on next use
+        expect = np.array(
+            [r[0] for r in bank.connection.execute(
+                "SELECT e.id FROM entries e JOIN vectors v ON v.entry_id=e.id "
+                "WHERE v.fingerprint=? AND v.content_hash=e.content_hash ORDER BY e.id", (meta.get("fingerprint"),))],
+            np.int64,
+        )  # fmt: skip
+        got = index.ids()
+        if not np.array_equal(got, expect):
+            extra = np.setdiff1d(got, expect)
+            problems.append(
+                f"{path}: index holds {len(got)} ids, bank has {len(expect)} current vectors"
+                + (f"; e.g. id {extra[0]} is not (or no longer) in the bank" if len(extra) else "")
+            )
+    return problems

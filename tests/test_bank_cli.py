@@ -1,0 +1,93 @@
+"""`memlm bank ...` end to end on a small facts JSONL, every action's --help, and one-line errors."""
+
+import json
+
+import pytest
+
+from memlm.cli import main
+
+ACTIONS = [
+    "create",
+    "import",
+    "export",
+    "add",
+    "edit",
+    "delete",
+    "show",
+    "search",
+    "lookup",
+    "history",
+    "rollback",
+    "verify",
+    "stats",
+]
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_help(action, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bank", action, "--help"])
+    assert e.value.code == 0 and "usage: memlm bank" in capsys.readouterr().out
+
+
+def test_end_to_end(tmp_path, capsys):
+    b, src = str(tmp_path / "bank"), tmp_path / "facts.jsonl"
+    rows = [
+        {"subject": "France", "relation": "capital", "object": "Paris", "text": "The capital of France is Paris.",
+         "namespace": "geo", "aliases": ["French Republic"]},
+        {"subject": "Japan", "relation": "capital", "object": "Tokyo", "text": "The capital of Japan is Tokyo.", "namespace": "geo"},
+        {"text": "Ada Lovelace wrote the first program.", "namespace": "bios", "source": "wiki"},
+    ]  # fmt: skip
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(*argv):
+        code = main(["bank", *argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    assert run("create", b)[0] == 0
+    assert "imported 3" in run("import", b, str(src))[1]
+    code, out, _ = run("search", b, "capital of France", "-k", "2")
+    first = out.splitlines()[0].split("\t")
+    assert (
+        code == 0
+        and first[1] == "0"
+        and first[3] == "The capital of France is Paris."
+        and float(first[0]) > 0
+    )
+    assert "bios" not in run("search", b, "capital of France", "--namespace", "geo", "--index", "faiss")[1]
+    assert "The capital of France is Lyon." in run("edit", b, "0", "--object", "Lyon")[1]
+    assert (
+        run("search", b, "capital France", "-k", "1")[1].split("\t")[3].strip()
+        == "The capital of France is Lyon."
+    )
+    assert run("lookup", b, "French Republic", "capital")[1].startswith("alias\t1.0000\t0\tLyon")
+    assert run("add", b, "--text", "Grace Hopper wrote a compiler.", "--namespace", "bios")[1].strip() == "3"
+    assert "deleted 1" in run("delete", b, "1")[1]
+    assert "\t1\t" not in run("search", b, "The capital of Japan is Tokyo.", "-k", "10", "--index", "pk")[1]
+    hist = run("history", b, "0")[1].splitlines()
+    assert hist[0].startswith("v1\tadd") and "Lyon" in hist[1]
+    assert "rolled back to version 1" in run("rollback", b, "1")[1]
+    shown = [json.loads(x) for x in run("show", b, "0", "1")[1].splitlines()]
+    assert [s["object"] for s in shown] == ["Paris", "Tokyo"]
+    assert run("verify", b)[1].strip() == "ok"
+    assert json.loads(run("stats", b)[1])["entries"] == 3
+    out_file = tmp_path / "out.jsonl"
+    assert "exported 3" in run("export", b, str(out_file))[1]
+    assert [json.loads(x)["text"] for x in out_file.read_text().splitlines()][0] == rows[0]["text"]
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    b = str(tmp_path / "bank")
+    main(["bank", "create", b])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "x", "namespace": 7}\n')
+    assert main(["bank", "import", b, str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"memlm bank: error: {bad}:2: field 'namespace': expected a string, got int"
+    assert main(["bank", "show", b, "42"]) == 2 and "no entry with id 42" in capsys.readouterr().err
+    assert main(["bank", "stats", str(tmp_path / "nope")]) == 2
+    assert "not a memlm bank" in capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out or "{}") == {}
+    main(["bank", "stats", b])
+    assert json.loads(capsys.readouterr().out)["entries"] == 0  # the failed import left nothing
