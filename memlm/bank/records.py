@@ -5,13 +5,12 @@ Every problem becomes an :class:`~memlm.errors.InputError` naming the file, the 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from memlm.bank.entry import DEFAULT_NAMESPACE
 from memlm.errors import InputError
+from memlm.utils.jsonl import iter_jsonl
 
 _STR_FIELDS = ("text", "subject", "relation", "object", "namespace", "source")
 KNOWN_FIELDS = {*_STR_FIELDS, "frozen", "aliases", "id"}
@@ -84,23 +83,7 @@ def read_jsonl(path: str | os.PathLike, *, namespace: str | None = None) -> Iter
     ``namespace`` fills records that have none. Raises InputError at the first bad line, so a
     caller inside a transaction rolls back and nothing half-imported remains.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", path=path)
-    with path.open("r", encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        try:
-            for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno is reported on decode errors
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise InputError(
-                        f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno
-                    ) from None
-                if namespace is not None and isinstance(obj, dict) and not obj.get("namespace"):
-                    obj["namespace"] = namespace
-                yield validate(obj, path=path, line=lineno)
-        except UnicodeDecodeError as e:
-            raise InputError(f"not UTF-8 text ({e.reason})", path=path, line=lineno + 1) from None
+    for lineno, obj in iter_jsonl(path):
+        if namespace is not None and not obj.get("namespace"):
+            obj["namespace"] = namespace
+        yield validate(obj, path=path, line=lineno)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from memlm.errors import InputError
+from memlm.utils.jsonl import iter_jsonl
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,31 +40,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
-    if args.prompts_file:
+    path = args.prompts_file
+    if path and path.suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            if not isinstance(obj.get("prompt"), str):
+                raise InputError("expected a string", path=path, line=lineno, field="prompt")
+            prompts.append(obj["prompt"])
+    elif path:
         try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read prompts ({err})", path=args.prompts_file) from err
-        if args.prompts_file.suffix == ".jsonl":
-            prompts += [
-                _prompt_field(line, args.prompts_file, i) for i, line in enumerate(lines, 1) if line.strip()
-            ]
-        else:
-            prompts += [line for line in lines if line.strip()]
+            raise InputError(f"cannot read prompts ({err})", path=path) from err
     prompts = prompts[: args.limit] if args.limit is not None else prompts
     if not prompts:
         raise InputError("give at least one --prompt or a --prompts-file")
     return prompts
-
-
-def _prompt_field(line: str, path: Path, lineno: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InputError(f"not valid JSON ({err.msg})", path=path, line=lineno) from err
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-        raise InputError("expected an object with a string", path=path, line=lineno, field="prompt")
-    return obj["prompt"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlm.errors import InputError
+from memlm.utils.jsonl import iter_jsonl
 
 _ENCODER = json.JSONEncoder(
     ensure_ascii=False, sort_keys=True
@@ -84,14 +85,8 @@ def fact_from_obj(obj, *, path: str | os.PathLike | None = None, line: int | Non
 
 def iter_facts(path: str | os.PathLike) -> Iterator[Fact]:
     """Stream the facts of a ``facts.jsonl`` file, validating every line."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"invalid JSON ({err.msg})", path=path, line=lineno) from None
-            yield fact_from_obj(obj, path=path, line=lineno)
+    for lineno, obj in iter_jsonl(path):
+        yield fact_from_obj(obj, path=path, line=lineno)
 
 
 def apply_edits(facts: list[Fact], edits: list[dict]) -> list[Fact]:

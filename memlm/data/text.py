@@ -10,12 +10,12 @@ Formats (chosen by file suffix):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from memlm.errors import InputError
+from memlm.utils.jsonl import iter_jsonl
 
 SUFFIXES = (".txt", ".jsonl")
 
@@ -27,12 +27,15 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
         raise InputError(f"unsupported file type {path.suffix!r} (expected one of {SUFFIXES})", path=path)
     if not path.is_file():
         raise InputError("file not found", path=path)
+    if path.suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            yield _text_field(obj, path, lineno)
+        return
     with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for raw in f:
             line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            yield line if path.suffix == ".txt" else _jsonl_text(line, path, lineno)
+            if line.strip():
+                yield line
 
 
 def iter_corpus(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
@@ -41,13 +44,7 @@ def iter_corpus(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
         yield from iter_documents(path)
 
 
-def _jsonl_text(line: str, path: Path, lineno: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON ({err.msg} at column {err.colno})", path=path, line=lineno) from None
-    if not isinstance(obj, dict):
-        raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
+def _text_field(obj: dict, path: Path, lineno: int) -> str:
     if "text" not in obj:
         raise InputError("missing", path=path, line=lineno, field="text")
     text = obj["text"]

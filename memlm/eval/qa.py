@@ -25,6 +25,7 @@ from pathlib import Path
 from memlm.data.annotate import strip_calls
 from memlm.errors import InputError
 from memlm.utils.io import atomic_path, write_json
+from memlm.utils.jsonl import iter_jsonl
 
 QA_FIELDS = {"prompt": str, "answer": str, "subject": str, "relation": str, "fact_id": int, "split": str}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -92,18 +93,11 @@ def load_qa(data_dir: str | os.PathLike, split: str) -> list[QARecord]:
         path = Path(data_dir) / "qa" / f"{s}.jsonl"
         if not path.is_file():
             raise InputError(f"no QA file for split {s!r}", path=path)
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"invalid JSON ({err.msg})", path=path, line=lineno) from None
-                if not isinstance(obj, dict):
-                    raise InputError("expected a JSON object", path=path, line=lineno)
-                for key, typ in QA_FIELDS.items():
-                    if not isinstance(obj.get(key), typ):
-                        raise InputError(f"expected {typ.__name__}", path=path, line=lineno, field=key)
-                records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}))
+        for lineno, obj in iter_jsonl(path):
+            for key, typ in QA_FIELDS.items():
+                if not isinstance(obj.get(key), typ):
+                    raise InputError(f"expected {typ.__name__}", path=path, line=lineno, field=key)
+            records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}))
     return records
 
 
