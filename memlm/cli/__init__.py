@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemlmError as err:
         print(f"memlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `memlm ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"memlm {args.command}: interrupted", file=sys.stderr)
         return 130
