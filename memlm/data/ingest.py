@@ -31,6 +31,7 @@ from memlm.data.annotate import call_string
 from memlm.data.facts import Fact, fact_from_obj
 from memlm.errors import InputError
 from memlm.utils.io import atomic_path
+from memlm.utils.jsonl import iter_jsonl
 
 FACT_SUFFIXES = (".jsonl",)
 TEXT_SUFFIXES = (".txt", ".md")
@@ -112,16 +113,10 @@ def _lines(path: Path):
 
 
 def read_facts(path: Path, namespace: str) -> list[Fact]:
+    if not path.read_bytes().strip():
+        raise InputError("empty file", path=path)
     facts = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(
-                f"invalid JSON ({err.msg} at column {err.colno})", path=path, line=lineno
-            ) from None
+    for lineno, obj in iter_jsonl(path, types=(dict, list)):
         if isinstance(obj, list):
             if len(obj) != 3:
                 raise InputError(f"a triple needs 3 items, got {len(obj)}", path=path, line=lineno)
