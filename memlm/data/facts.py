@@ -15,7 +15,6 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from memlm.errors import InputError
 from memlm.utils.jsonl import iter_jsonl
