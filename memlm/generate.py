@@ -193,9 +193,17 @@ class Generator:
         if not stop:
             return inner
 
+        # A stop string ends at the newest token when it first appears, and every token is at least one
+        # byte, so decoding the last (longest stop in bytes + 1) tokens suffices: O(1) per step, not O(n).
+        tail = max(len(s.encode()) for s in stop) + 1
+
         def hook(state: DecodeState) -> None:
             for i, toks in enumerate(state.tokens):
-                if not state.finished[i] and toks and any(s in self.tokenizer.decode(toks) for s in stop):
+                if (
+                    not state.finished[i]
+                    and toks
+                    and any(s in self.tokenizer.decode(toks[-tail:]) for s in stop)
+                ):
                     state.finished[i] = True
             if inner is not None:
                 inner(state)
@@ -269,5 +277,5 @@ class Generator:
             ):  # wait for a multi-byte char to complete
                 yield text[len(shown) :]
                 shown = text
-        if text != shown:  # whatever is left, even bytes that never formed a character
-            yield text[len(shown) :] if text.startswith(shown) else text
+        if text != shown and text.startswith(shown):  # what is left, even bytes that never formed a character
+            yield text[len(shown) :]

@@ -40,8 +40,3 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
-
-    def select(self, rows: Tensor) -> None:
-        """Keep only these batch rows (drop finished sequences)."""
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
