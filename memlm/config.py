@@ -65,10 +65,16 @@ class DataConfig:
     tokenizer: str | None = None  # folder or tokenizer.json; None: train BPE of model.vocab_size on train
     annotation: str = "none"  # "lmlm": texts carry LMLM lookups; looked-up values are masked from the loss
     cache_dir: str | None = None  # packed token files; None: <out_dir>/data
+    # packed: windows of seq_len cut anywhere (dense pretraining); documents: one document per sample, as
+    # memory designs need (retrieval per document); auto: documents when model.memory is not "none".
+    layout: str = "auto"
+    bank: str | None = None  # memory bank folder the model reads (memory designs); recorded in checkpoints
 
     def __post_init__(self) -> None:
         if self.annotation not in ("none", "lmlm"):
             raise ConfigError(f"data.annotation must be none or lmlm, got {self.annotation!r}")
+        if self.layout not in ("auto", "packed", "documents"):
+            raise ConfigError(f"data.layout must be auto, packed or documents, got {self.layout!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.seq_len < 1:
@@ -86,6 +92,12 @@ class RunConfig:
         if self.data.seq_len > self.model.block_size:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}"
+            )
+        if self.data.layout == "auto":
+            self.data.layout = "packed" if self.model.memory == "none" else "documents"
+        if self.model.memory != "none" and self.data.layout == "packed":
+            raise ConfigError(
+                f"model.memory={self.model.memory!r} trains on whole documents: data.layout must be documents"
             )
 
     def to_dict(self) -> dict[str, Any]:

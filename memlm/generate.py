@@ -21,6 +21,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from memlm.model.gpt import GPT
     from memlm.model.memory import MemoryContext
+    from memlm.model.memory.reader import MemoryReader, PromptBatch
     from memlm.tokenizer import Tokenizer
 
 
@@ -143,6 +144,7 @@ def iter_decode(
             memory=state.memory,
         )
         nxt = sample_next(out.logits[:, -1], config, gen)
+        _record_model_retrieval(state, out.retrieval)
         for i in range(B):
             if state.finished[i]:
                 nxt[i] = pad_id
@@ -162,6 +164,20 @@ def iter_decode(
         inputs, start = nxt[:, None], L + step
 
 
+def _record_model_retrieval(state: DecodeState, memory: MemoryContext | None) -> None:
+    """Provenance of designs that retrieve inside the model (ExplicitLM, PlugLM): the entries read at the
+    position that predicts the next token, i.e. the last position of the call."""
+    if memory is None or memory.retrieved_ids is None:
+        return
+    ids = memory.retrieved_ids
+    last = (ids[:, -1] if ids.dim() == 3 else ids).reshape(ids.shape[0], -1).tolist()  # (B, k)
+    for i, row in enumerate(last):
+        if not state.finished[i]:
+            used = [int(e) for e in row if e >= 0]
+            if used:
+                state.record(i, entry_ids=used, kind="read")
+
+
 def decode(model: GPT, prompts: Sequence[Sequence[int]], config: GenerationConfig, **kw: Any) -> DecodeState:
     """Run :func:`iter_decode` to the end and return the final state (generated tokens, traces)."""
     state = DecodeState(step=0, tokens=[[] for _ in prompts], finished=[True] * len(prompts))
@@ -171,42 +187,78 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], config: GenerationConfi
 
 
 class Generator:
-    """A model and its tokenizer: text in, :class:`Generation` out (the object QA evaluation calls)."""
+    """A model, its tokenizer and its memory reader: text in, :class:`Generation` out (what QA evaluation calls).
+
+    The reader (:mod:`memlm.model.memory.reader`) turns each batch of prompts into what the model is fed (RAG
+    puts retrieved entries before the prompt) and may install a step hook (retrieve every N tokens, look a fact
+    up). Every :class:`Generation` carries the bank entry ids its answer used (``retrieved``) and the events
+    behind them (``trace``). A model without memory gets the plain reader: ``retrieved`` is None.
+    """
 
     def __init__(
-        self, model: GPT, tokenizer: Tokenizer, *, hook_factory: Callable[[], StepHook] | None = None
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        *,
+        reader: MemoryReader | None = None,
+        hook_factory: Callable[[], StepHook] | None = None,
     ):
+        from memlm.model.memory.reader import MemoryReader
+
         self.model, self.tokenizer, self.hook_factory = model.eval(), tokenizer, hook_factory
+        self.reader = reader if reader is not None else MemoryReader(model, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: str = "cpu") -> Generator:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: str = "cpu", bank: str | os.PathLike | None = None
+    ) -> Generator:
+        """Load a model folder; a memory model reads ``bank`` (default: the bank it was trained with)."""
         from memlm.model.checkpoint import load_pretrained
+        from memlm.model.memory.binding import load_reader
 
         model, tokenizer = load_pretrained(directory, device=device)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, reader=load_reader(directory, model, tokenizer, bank=bank))
+
+    def close(self) -> None:
+        """Close the bank the reader opened (a bank passed in as an object stays open)."""
+        self.reader.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _config(self, max_new_tokens: int, stop_tokens: Sequence[str], **kw: Any) -> GenerationConfig:
         stop_ids = tuple(self.tokenizer.token_id(t) for t in stop_tokens)
         return GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, **kw)
 
-    def _stop_string_hook(self, stop: Sequence[str], inner: StepHook | None) -> StepHook | None:
-        if not stop:
-            return inner
+    def text(self, token_ids: Sequence[int]) -> str:
+        """Generated ids -> text; the memory tokens stay when the reader asks (LMLM), PAD/BOS/EOS never do."""
+        tok = self.tokenizer
+        if self.reader.skip_special_tokens:
+            return tok.decode(token_ids)
+        drop = {tok.pad_id, tok.bos_id, tok.eos_id}
+        return tok.decode([t for t in token_ids if t not in drop], skip_special_tokens=False)
 
+    def _hook(self, batch: PromptBatch, stop: Sequence[str]) -> StepHook:
+        """Record the prompt's retrieval, then run the reader's hook, the user's hook and stop strings."""
+        hooks = [h for h in (self.reader.step_hook(batch), self.hook_factory and self.hook_factory()) if h]
         # A stop string ends at the newest token when it first appears, and every token is at least one
         # byte, so decoding the last (longest stop in bytes + 1) tokens suffices: O(1) per step, not O(n).
-        tail = max(len(s.encode()) for s in stop) + 1
+        tail = max((len(s.encode()) for s in stop), default=0) + 1
 
         def hook(state: DecodeState) -> None:
+            if state.step == 0:
+                for i, used in enumerate(batch.used):
+                    if used:
+                        scores = batch.scores[i] if batch.scores else []
+                        state.record(i, entry_ids=used, kind="retrieve", scores=scores)
             for i, toks in enumerate(state.tokens):
-                if (
-                    not state.finished[i]
-                    and toks
-                    and any(s in self.tokenizer.decode(toks[-tail:]) for s in stop)
-                ):
+                if not state.finished[i] and toks and any(s in self.text(toks[-tail:]) for s in stop):
                     state.finished[i] = True
-            if inner is not None:
-                inner(state)
+            for h in hooks:
+                h(state)
 
         return hook
 
@@ -229,18 +281,19 @@ class Generator:
         results: list[Generation] = []
         for b in range(0, len(prompts), batch_size):
             chunk = list(prompts[b : b + batch_size])
-            inner = self.hook_factory() if self.hook_factory else None
+            batch = self.reader.prompts(chunk)
             state = decode(
                 self.model,
-                tok.encode_batch(chunk, bos=True),
+                batch.token_ids,
                 config,
                 pad_id=tok.pad_id,
                 eos_id=tok.eos_id,
-                hook=self._stop_string_hook(stop, inner),
+                hook=self._hook(batch, stop),
+                memory=batch.memory,
             )
             for i, prompt in enumerate(chunk):
                 toks = state.tokens[i]
-                text = tok.decode(toks)
+                text = self.text(toks)
                 cut = min((text.index(s) for s in stop if s in text), default=None)
                 stopped = cut is not None or (toks and toks[-1] in {tok.eos_id, *config.stop_token_ids})
                 results.append(
@@ -261,20 +314,19 @@ class Generator:
         """Yield the text of one prompt's continuation piece by piece, as it is decoded."""
         config = self._config(max_new_tokens, stop_tokens, **sampling)
         tok = self.tokenizer
+        batch = self.reader.prompts([prompt])
         shown, text = "", ""
-        hook = self.hook_factory() if self.hook_factory else None
         for _, state in iter_decode(
             self.model,
-            [tok.encode(prompt, bos=True)],
+            batch.token_ids,
             config,
             pad_id=tok.pad_id,
             eos_id=tok.eos_id,
-            hook=hook,
+            hook=self._hook(batch, ()),
+            memory=batch.memory,
         ):
-            text = tok.decode(state.tokens[0])
-            if not text.endswith("\ufffd") and text.startswith(
-                shown
-            ):  # wait for a multi-byte char to complete
+            text = self.text(state.tokens[0])
+            if not text.endswith("\ufffd") and text.startswith(shown):  # wait for a multi-byte char
                 yield text[len(shown) :]
                 shown = text
         if text != shown and text.startswith(shown):  # what is left, even bytes that never formed a character

@@ -39,14 +39,16 @@ def test_overrides_typed_by_field(tmp_path):
             "--train.progress", "false",
             "--data.train", "a.txt,b.jsonl",
             "--data.tokenizer", "none",
-            "--model.memory_options.top_k", "8",
+            "--model.memory", "rag",
+            "--model.memory_options.k", "8",
             "--train.betas", "[0.9, 0.999]",
         ],
     )  # fmt: skip
     assert cfg.train.lr == 3e-4 and cfg.model.n_layer == 3 and cfg.train.memory_lr == 1e-3
     assert cfg.train.progress is False
     assert cfg.data.train == ["a.txt", "b.jsonl"] and cfg.data.tokenizer is None
-    assert cfg.model.memory_options == {"top_k": 8}
+    assert cfg.model.memory_options == {"k": 8}
+    assert cfg.data.layout == "documents"  # auto: a memory design trains on whole documents
     assert cfg.train.betas == (0.9, 0.999)
 
 
@@ -54,6 +56,13 @@ def test_overrides_typed_by_field(tmp_path):
     ("args", "words"),
     [
         (["--train.lrr", "1"], "'train.lrr' (did you mean 'train.lr'?)"),
+        (["--model.memory_options.top_k", "8"], "'model.memory_options.top_k'"),
+        (
+            ["--model.memory", "rag", "--model.memory_options.kk", "8"],
+            "(did you mean 'model.memory_options.k'?)",
+        ),
+        (["--model.memory", "rag", "--model.memory_options.k", "0"], "k must be >= 1"),
+        (["--model.memory", "nope"], "unknown memory design 'nope'"),
         (["--bogus", "1"], "'bogus'"),
         (["--model.n_layers", "1"], "'model.n_layers'"),
         (["--train.max_steps", "1.5"], "'train.max_steps': expected int"),

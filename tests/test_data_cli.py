@@ -35,8 +35,8 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def from_pretrained(directory, device="cpu"):
-        seen["dir"] = directory
+    def from_pretrained(directory, device="cpu", bank=None):
+        seen["dir"], seen["bank"] = directory, bank
         return Fake()
 
     monkeypatch.setattr(memlm.generate.Generator, "from_pretrained", staticmethod(from_pretrained))

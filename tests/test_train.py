@@ -138,6 +138,9 @@ class WithMemory(nn.Module):
         self.blocks = nn.ModuleList([nn.Module()])
         self.blocks[0].memory = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))  # ".memory." inside
 
+    def memory_parameter_names(self) -> set[str]:  # what GPT reports for its design's modules
+        return {n for n, _ in self.named_parameters() if "memory" in n}
+
 
 def test_param_groups():
     model = WithMemory()

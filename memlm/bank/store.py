@@ -529,6 +529,20 @@ class MemoryBank:
                 changed += 1
         return changed
 
+    def content_fingerprint(self, namespaces: Sequence[str] | None = None) -> str:
+        """sha256 over every entry's (id, namespace, content hash) in id order: equal for two banks exactly
+        when they hold the same entries. A model records it for the bank it was trained with."""
+        import hashlib
+
+        h = hashlib.sha256()
+        where, args = "", []
+        if namespaces is not None:
+            where, args = f"WHERE namespace IN ({','.join('?' * len(namespaces))})", list(namespaces)
+        cur = self._con.execute(f"SELECT id, namespace, content_hash FROM entries {where} ORDER BY id", args)
+        while rows := cur.fetchmany(65536):
+            h.update("".join(f"{i}\x1f{ns}\x1f{ch}\n" for i, ns, ch in rows).encode())
+        return h.hexdigest()
+
     # ---------------------------------------------------------------- checks
     def stats(self) -> dict:
         """Counts and sizes, cheap enough for a 1M bank."""

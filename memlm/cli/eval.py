@@ -1,4 +1,4 @@
-"""``memlm eval qa``: greedy QA exact match of a trained model on a benchmark split."""
+"""``memlm eval qa|edit|delete``: knowledge QA of a trained model, and knowledge updates with no training."""
 
 from __future__ import annotations
 
@@ -6,42 +6,145 @@ import argparse
 from pathlib import Path
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (e.g. runs/rag/final)")
+    p.add_argument("--data", required=True, help="benchmark folder written by `memlm data bios|geo`")
+    p.add_argument(
+        "--bank", default=None, help="bank folder a memory model reads (default: its training bank)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--limit", type=int, default=None, help="use only the first N questions / edits / deletions"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model (knowledge QA)")
+    p = subparsers.add_parser("eval", help="evaluate a model (knowledge QA, edits, deletions)")
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="TASK")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     qa = sub.add_parser(
         "qa",
         help="exact match on held-out questions",
-        description="Greedy answers to qa/{split}.jsonl of a bios/geo folder; writes JSON, markdown and predictions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Greedy answers to qa/{split}.jsonl of a bios/geo folder; writes JSON, markdown and "
+        "predictions (with the bank entries each answer used).",
+        formatter_class=fmt,
     )
-    qa.add_argument("--model", required=True, help="checkpoint folder (Generator.from_pretrained)")
-    qa.add_argument("--data", required=True, help="benchmark folder written by `memlm data bios|geo`")
+    _common(qa)
     qa.add_argument(
         "--split", default="unseen", help="seen | unseen | edited | deleted | all (= seen + unseen)"
     )
-    qa.add_argument("--max-new-tokens", type=int, default=32)
-    qa.add_argument("--batch-size", type=int, default=64)
-    qa.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    qa.add_argument("--device", default="cpu")
-    qa.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
     qa.set_defaults(func=run_qa)
+    edit = sub.add_parser(
+        "edit",
+        help="apply edits.jsonl to a copy of the bank, no training: new values answered, others kept",
+        description="Asks qa/edited.jsonl and an equal sample of unaffected questions before and after "
+        "applying edits.jsonl to a copy of the bank (the original is never touched).",
+        formatter_class=fmt,
+    )
+    _common(edit)
+    edit.add_argument("--seed", type=int, default=0, help="sample of unaffected questions")
+    edit.set_defaults(func=run_edit)
+    delete = sub.add_parser(
+        "delete",
+        help="delete deletions.jsonl from a copy of the bank, no training: how many are still answered",
+        description="Asks qa/deleted.jsonl after deleting deletions.jsonl from a copy of the bank.",
+        formatter_class=fmt,
+    )
+    _common(delete)
+    delete.set_defaults(func=run_delete)
 
 
 def run_qa(args) -> int:
-    from memlm.eval.qa import evaluate_qa, load_qa, markdown_table, write_report
+    from memlm.eval.qa import load_qa, markdown_table, write_report
     from memlm.generate import Generator
 
     records = load_qa(args.data, args.split)
     if args.limit is not None:
         records = records[: args.limit]
-    gen = Generator.from_pretrained(args.model, device=args.device)
-    report = evaluate_qa(
-        gen, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True
-    )
+    gen = Generator.from_pretrained(args.model, device=args.device, bank=args.bank)
+    try:
+        report, bank = _qa(gen, records, args)
+    finally:
+        if hasattr(gen, "close"):
+            gen.close()
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     meta = {"model": str(args.model), "data": str(args.data), "split": args.split}
+    meta["bank"] = None if bank is None else str(bank.path)
     path = write_report(report, out, f"qa_{args.split}", meta=meta)
     print(markdown_table(report, title=f"QA exact match — {args.split}"), end="")
     print(f"wrote {path}")
+    return 0
+
+
+def _qa(gen, records, args):
+    from memlm.eval.qa import evaluate_qa
+
+    entry_id, bank = None, _bank(gen)
+    if bank is not None:
+        from memlm.eval.update import entry_ids_by_key
+
+        keys = sorted({(r.subject, r.relation) for r in records})
+        found = entry_ids_by_key(bank, [{"subject": s, "relation": r} for s, r in keys])
+        ids = dict(zip(keys, found))
+        entry_id = lambda r: ids[(r.subject, r.relation)]  # noqa: E731 - hit = this fact's entry was used
+    report = evaluate_qa(
+        gen,
+        records,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        fact_to_entry_id=entry_id,
+        progress=True,
+    )
+    return report, bank
+
+
+def _bank(gen):
+    """The bank the generator's model reads, or None (a model without memory, or any QA-capable object)."""
+    return getattr(getattr(gen, "reader", None), "bank", None)
+
+
+def _write(result: dict, args, name: str) -> Path:
+    from memlm.utils.io import write_json
+
+    path = (Path(args.out) if args.out else Path(args.model) / "eval") / f"{name}.json"
+    write_json(path, result)
+    return path
+
+
+def run_edit(args) -> int:
+    from memlm.eval.update import evaluate_edits
+
+    r = evaluate_edits(
+        args.model, args.data, bank=args.bank, limit=args.limit, seed=args.seed, device=args.device,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
+    )  # fmt: skip
+    print(
+        f"edits {r['edits']} (questions {r['questions']}), no training step:\n"
+        f"  new value answered  {r['new_value_rate']:.3f}   (before the edit: {r['new_value_rate_before']:.3f}; "
+        f"old value still answered: {r['old_value_rate_after']:.3f})\n"
+        f"  others unchanged    {r['others_unchanged']:.3f}   (n={r['others']}; EM {r['others_em_before']:.3f} "
+        f"-> {r['others_em_after']:.3f})\n"
+        f"  visible after       {r['visible_after_s']:.2f} s (apply {r['apply_s']:.2f} s + refresh {r['refresh_s']:.2f} s)"
+    )
+    print(f"wrote {_write(r, args, 'edit')}")
+    return 0
+
+
+def run_delete(args) -> int:
+    from memlm.eval.update import evaluate_deletions
+
+    r = evaluate_deletions(
+        args.model, args.data, bank=args.bank, limit=args.limit, device=args.device,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
+    )  # fmt: skip
+    print(
+        f"deletions {r['deletions']} (questions {r['questions']}), no training step:\n"
+        f"  still answered (leak) {r['leak']:.3f}   (answered before deletion: {r['answered_before']:.3f})\n"
+        f"  deleted entries read  {r['deleted_entries_read_after']}\n"
+        f"  visible after         {r['visible_after_s']:.2f} s"
+    )
+    print(f"wrote {_write(r, args, 'delete')}")
     return 0

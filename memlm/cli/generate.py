@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--stream", action="store_true", help="print tokens as they are decoded (one prompt)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (text, tokens, trace)")
+    p.add_argument(
+        "--bank", default=None, help="bank folder a memory model reads (default: its training bank)"
+    )
+    p.add_argument(
+        "--sources", action="store_true", help="print under each answer the bank entries it used (id, text)"
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -62,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]  # a shell passes '\n' literally
-    gen = Generator.from_pretrained(args.model, device=args.device)
+    with Generator.from_pretrained(args.model, device=args.device, bank=args.bank) as gen:
+        return _generate(gen, prompts, stops, args)
+
+
+def _generate(gen, prompts: list[str], stops: list[str], args: argparse.Namespace) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.stream:
         if len(prompts) != 1:
@@ -83,4 +93,21 @@ def run(args: argparse.Namespace) -> int:
                              ensure_ascii=False))  # fmt: skip
         else:
             print(f"{o.prompt}{o.text}")
+        if args.sources and not args.json:
+            _print_sources(gen, o)
     return 0
+
+
+def _print_sources(gen, o) -> None:
+    """The entries an answer used, as the bank holds them now (an entry deleted since is marked)."""
+    if o.retrieved is None:
+        print("  sources: none (this model reads no memory)")
+        return
+    bank = gen.reader.bank
+    entries = bank.get_many(o.retrieved, missing_ok=True) if o.retrieved else []
+    print(f"  sources ({len(o.retrieved)}):")
+    for i, e in zip(o.retrieved, entries):
+        print(f"    [{i}] {e.text if e is not None else '(deleted since)'}")
+    for event in o.trace:
+        if event.get("kind") not in (None, "retrieve", "read"):  # lookups etc.: shown as recorded
+            print(f"    {event}")

@@ -52,6 +52,7 @@ class Prediction:
     output: str  # raw generated text
     correct: bool
     hit: bool | None  # None: the model reported no retrieval
+    retrieved: tuple[int, ...] | None = None  # bank entry ids the answer used (provenance)
 
 
 @dataclass
@@ -135,7 +136,8 @@ def evaluate_qa(
             text, retrieved = _text_and_retrieved(item)
             hit = None if retrieved is None else entry_id(r) in retrieved
             ok = exact_match(text, r.answer)
-            preds.append(Prediction(r.fact_id, r.split, r.relation, r.prompt, r.answer, text, ok, hit))
+            used = None if retrieved is None else tuple(retrieved)
+            preds.append(Prediction(r.fact_id, r.split, r.relation, r.prompt, r.answer, text, ok, hit, used))
 
     def group(key) -> dict[str, dict[str, float]]:
         out: dict[str, list[bool]] = {}

@@ -43,8 +43,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return _hash_state(_state_to_save(model))
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write the folder atomically: a crash mid-save leaves the previous folder (or none), never half of one."""
+def save_pretrained(
+    model: torch.nn.Module, directory: str | os.PathLike, *, tokenizer=None, memory: dict | None = None
+) -> Path:
+    """Write the folder atomically: a crash mid-save leaves the previous folder (or none), never half of one.
+
+    ``memory``: the memory record (design and training bank, :mod:`memlm.model.memory.binding`).
+    """
     from safetensors.torch import save_file
 
     from memlm.model.config import ARCH
@@ -61,6 +66,10 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, *, tok
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if memory is not None:
+            from memlm.model.memory.binding import write_memory_record
+
+            write_memory_record(tmp, memory)
     return directory
 
 

@@ -48,6 +48,11 @@ class ModelConfig:
             hidden = int(8 * self.n_embd / 3)
             m = self.ffn_multiple_of
             self.ffn_hidden = m * ((hidden + m - 1) // m)
+        # The design must exist and its memory_options must parse (typed, unknown keys refused) at load time,
+        # not later in the middle of a run.
+        from memlm.model.memory.registry import get_memory_design
+
+        get_memory_design(self.memory).options(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

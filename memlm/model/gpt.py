@@ -160,27 +160,46 @@ class GPT(nn.Module):
         design = get_memory_design(config.memory)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            Block(config, i, design.layer_hooks(config, i)) for i in range(config.n_layer)
-        )
+        # A design's model-wide part (an entry encoder shared by its layers), or None. Hooks must not
+        # register it again as their own submodule: safetensors refuses tensors saved under two names.
+        self.memory = design.shared_module(config)
+        hooks = [design.layer_hooks(config, i) for i in range(config.n_layer)]
+        self.blocks = nn.ModuleList(Block(config, i, h) for i, h in enumerate(hooks))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.block_size, config.rope_theta)
-        self.apply(self._init_weights)
+
+        # Memory modules (the hooks, the cross-attention norms, the shared part) initialise themselves — many
+        # are zero-initialised so that an empty memory is a no-op — and train with their own lr (memory_lr).
+        memory_roots = [m for h in hooks for m in h.modules()]
+        memory_roots += [b.cross_norm for b in self.blocks if b.cross_norm is not None]
+        memory_roots += [self.memory] if self.memory is not None else []
+        self._memory_module_ids = {id(sub) for m in memory_roots for sub in m.modules()}
+        for module in self.modules():
+            if id(module) not in self._memory_module_ids:
+                self._init_weights(module)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
         # does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "ffn.w_down.weight")):
+        for block in self.blocks:
+            for p in (block.attn.wo.weight, *([block.ffn.w_down.weight] if block.ffn is not None else [])):
                 nn.init.normal_(p, mean=0.0, std=config.init_std / (2 * config.n_layer) ** 0.5)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Memory modules initialise themselves (many are zero-initialised so that an empty memory is a no-op).
-        if isinstance(module, nn.Linear | nn.Embedding) and not getattr(module, "_memlm_custom_init", False):
+        if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def memory_parameter_names(self) -> set[str]:
+        """Qualified names of the memory design's parameters (hooks, cross norms, shared part)."""
+        return {
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.named_modules()
+            if id(module) in self._memory_module_ids
+            for name, _ in module.named_parameters(recurse=False)
+        }
 
     @property
     def device(self) -> torch.device:
@@ -268,10 +287,12 @@ class GPT(nn.Module):
 
         return weights_fingerprint(self)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, tokenizer=None) -> Path:
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, tokenizer=None, memory: dict | None = None
+    ) -> Path:
         from memlm.model.checkpoint import save_pretrained
 
-        return save_pretrained(self, directory, tokenizer=tokenizer)
+        return save_pretrained(self, directory, tokenizer=tokenizer, memory=memory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> GPT:

@@ -53,11 +53,12 @@ def save_checkpoint(
     step: int,
     trajectory: dict,
     tokenizer=None,
+    memory: dict | None = None,
 ) -> Path:
     """Write one checkpoint folder atomically (a crash mid-save leaves no half folder for resume to find)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        _save_model(model, tmp, tokenizer)
+        _save_model(model, tmp, tokenizer, memory)
         state = {
             "format": FORMAT,
             "step": step,
@@ -69,9 +70,9 @@ def save_checkpoint(
     return path
 
 
-def _save_model(model: nn.Module, directory: Path, tokenizer) -> None:
+def _save_model(model: nn.Module, directory: Path, tokenizer, memory: dict | None = None) -> None:
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, tokenizer=tokenizer)
+        model.save_pretrained(directory, tokenizer=tokenizer, memory=memory)
         return
     # Any nn.Module (tests, experiments): bare safetensors weights, shared tensors stored once.
     from safetensors.torch import save_model
@@ -98,14 +99,29 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load ``model.safetensors`` into ``model`` in place (safetensors only: loading runs no code).
 
     Tied weights are saved once; a key missing from the file is accepted only when it shares storage
-    with a key that was loaded.
+    with a key that was loaded. When the folder has a ``fingerprint.json`` (every memlm model folder), the
+    weights must hash to it: a checkpoint damaged on disk is refused, not resumed from.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from memlm.model.checkpoint import FINGERPRINT_FILE, _hash_state
 
     file = Path(path) / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: corrupt or not a safetensors file ({err})") from err
+    fp_path = Path(path) / FINGERPRINT_FILE
+    if fp_path.is_file():
+        try:
+            recorded = json.loads(fp_path.read_text())["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{fp_path}: unreadable ({err})") from err
+        if _hash_state(state) != recorded:
+            raise CheckpointError(f"{file}: weights do not match {FINGERPRINT_FILE} (corrupt or modified)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     own = model.state_dict()
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}

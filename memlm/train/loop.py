@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import time
 from pathlib import Path
 
@@ -21,9 +22,11 @@ import torch
 from torch import nn
 
 from memlm.config import RunConfig, save_config
+from memlm.data.documents import DocumentDataset, build_document_index
 from memlm.data.pack import IGNORE_INDEX, PackedDataset, build_packed, in_val_split
 from memlm.data.text import iter_corpus
 from memlm.errors import CheckpointError, ConfigError, MemlmError
+from memlm.model.memory.reader import MemoryReader, TrainBatch
 from memlm.tokenizer import Tokenizer
 from memlm.train import distributed
 from memlm.train.checkpoint import (
@@ -117,8 +120,14 @@ class Trainer:
             )
         model.to(device)
         optimizer = build_optimizer(model, tc)
+        reader, memory = self._reader(model, tokenizer)
+        if reader is not None and info.is_main:
+            reader.prepare_training(train_ds.texts(range(len(train_ds))), progress=tc.progress)
 
-        trajectory = _trajectory(cfg, info.world_size, tokenizer.fingerprint(), train_ds.n_tokens)
+        size = train_ds.n_tokens if isinstance(train_ds, PackedDataset) else len(train_ds)
+        trajectory = _trajectory(cfg, info.world_size, tokenizer.fingerprint(), size)
+        if memory is not None:
+            trajectory["data.bank_fingerprint"] = (memory.get("bank") or {}).get("fingerprint")
         step, ckpt = 0, latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
             state = load_training_state(ckpt)
@@ -129,6 +138,11 @@ class Trainer:
             step = int(state["step"])
         if info.is_main:
             save_config(cfg, self.out_dir / "config.yaml")
+            if memory is not None:
+                from memlm.model.memory.binding import write_memory_record
+
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                write_memory_record(self.out_dir, memory)
             write_run_info(
                 self.out_dir,
                 world_size=info.world_size,
@@ -141,8 +155,31 @@ class Trainer:
                 self.metrics.truncate_after(step)
         distributed.barrier()
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.reader, self.memory = model, tokenizer, reader, memory
         return self._loop(model, optimizer, train_ds, val_ds, info, device, step, trajectory, stop_at)
+
+    def _reader(self, model: nn.Module, tokenizer: Tokenizer) -> tuple[MemoryReader | None, dict | None]:
+        """The memory design's reader (documents layout) and the record of the bank it reads, or None."""
+        cfg = self.config
+        if cfg.data.layout != "documents":
+            return None, None
+        from memlm.model.memory.binding import memory_record
+        from memlm.model.memory.registry import get_memory_design
+
+        design = get_memory_design(cfg.model.memory)
+        bank = None
+        if design.uses_bank:
+            if not cfg.data.bank:
+                raise ConfigError(
+                    f"model.memory={design.name!r} reads a memory bank: set data.bank to its folder"
+                )
+            from memlm.bank.store import MemoryBank
+
+            bank = MemoryBank.open(cfg.data.bank)
+        elif cfg.data.bank:
+            raise ConfigError(f"data.bank is set but model.memory={design.name!r} reads no bank")
+        reader = design.reader(model, tokenizer, bank)
+        return reader, memory_record(design.name, bank) if design.uses_bank else None
 
     def _tokenizer(self, info: distributed.DistInfo) -> Tokenizer:
         data = self.config.data
@@ -154,7 +191,8 @@ class Trainer:
         _on_main(info, lambda: _train_tokenizer(self.config, tok_dir))
         return Tokenizer.load(tok_dir)
 
-    def _datasets(self, info, tokenizer: Tokenizer) -> tuple[PackedDataset, PackedDataset | None]:
+    def _datasets(self, info, tokenizer: Tokenizer):
+        """(train, val | None): packed token windows, or documents one per sample (``data.layout``)."""
         data = self.config.data
         if not data.train:
             raise ConfigError("data.train lists no training files")
@@ -174,8 +212,13 @@ class Trainer:
         elif frac:
             splits.append(("val", data.train, lambda t: in_val_split(t, frac)))
 
+        docs = data.layout == "documents"
+
         def build() -> None:
             for name, files, select in splits:
+                if docs:  # one document per sample: an offset index, tokenised per batch by the reader
+                    build_document_index(files, cache / f"docs_{name}", select=select, tag=f"{name}|{frac}")
+                    continue
                 build_packed(
                     files,
                     cache / name,
@@ -187,9 +230,13 @@ class Trainer:
                 )
 
         _on_main(info, build)
+        has_val = bool(data.val or frac)
+        if docs:
+            return DocumentDataset(cache / "docs_train"), DocumentDataset(
+                cache / "docs_val"
+            ) if has_val else None
         train_ds = PackedDataset(cache / "train", data.seq_len)
-        val_ds = PackedDataset(cache / "val", data.seq_len) if data.val or frac else None
-        return train_ds, val_ds
+        return train_ds, PackedDataset(cache / "val", data.seq_len) if has_val else None
 
     # ---- training -------------------------------------------------------------------------------
     def _loop(self, model, optimizer, train_ds, val_ds, info, device, step, trajectory, stop_at) -> dict:
@@ -209,12 +256,15 @@ class Trainer:
             start_step=step,
             end_step=tc.max_steps,
         )
-        loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=device.type == "cuda"
-        )
-        batches = iter(loader)
+        docs = isinstance(train_ds, DocumentDataset)
+        if docs:  # documents: the reader tokenises and lays out each batch (retrieval, memory, masks)
+            indices = iter(sampler)
+        else:
+            loader = torch.utils.data.DataLoader(
+                train_ds, batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=device.type == "cuda"
+            )
+            windows = iter(loader)
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-        tokens_per_step = sampler.global_batch * train_ds.seq_len
         last = {"step": step, "loss": None, "val_loss": None}
 
         from tqdm import tqdm
@@ -227,24 +277,34 @@ class Trainer:
             dynamic_ncols=True,
         )
         clock, tokens_since = time.perf_counter(), 0
+        loss_since, steps_since = torch.zeros((), device=device), 0
         model.train()
         while step < end:
-            torch.manual_seed(_step_seed(tc.seed, step, info.rank))
-            micro = [next(batches) for _ in range(tc.grad_accum)]
-            counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro]
+            seed = _step_seed(tc.seed, step, info.rank)
+            torch.manual_seed(seed)
+            if docs:
+                # Augmentation (RAG's swaps) is a function of (seed, step, rank, micro): resume stays exact.
+                micro = [
+                    self.reader.train_batch(train_ds.texts(next(indices)), rng=random.Random(seed * 31 + a))
+                    for a in range(tc.grad_accum)
+                ]
+            else:
+                micro = [TrainBatch(*next(windows)) for _ in range(tc.grad_accum)]
+            counts = [int((b.targets != IGNORE_INDEX).sum()) for b in micro]
             n_global = distributed.all_reduce_sum(torch.tensor(float(sum(counts)), device=device)).item()
             loss_sum = torch.zeros((), device=device)
-            for i, (x, y) in enumerate(micro):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for i, batch in enumerate(micro):
+                batch.to(device)
                 sync = model.no_sync() if info.enabled and i < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     with _autocast(device, tc.dtype):
-                        out = model(x, targets=y)
+                        out = model(batch.input_ids, targets=batch.targets, **_memory_kw(batch))
                     # Weight by this micro-batch's share of the global token count; DDP then averages
                     # over ranks, hence the world_size factor.
                     loss = out.loss * (counts[i] * info.world_size / max(n_global, 1.0))
                     loss.backward()
                 loss_sum += loss.detach()
+                tokens_since += batch.input_ids.numel()
             factor = lr_factor(
                 step, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_ratio=tc.min_lr_ratio
             )
@@ -254,19 +314,21 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_since += tokens_per_step
+            loss_since += loss_sum
+            steps_since += 1
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.max_steps:
-                loss_value = distributed.all_reduce_sum(loss_sum).item() / info.world_size
+                # the mean loss of the steps since the last line, not just the last step's
+                loss_value = distributed.all_reduce_sum(loss_since).item() / info.world_size / steps_since
                 elapsed = time.perf_counter() - clock
+                tokens = distributed.all_reduce_sum(torch.tensor(float(tokens_since), device=device)).item()
                 record = {
                     "kind": "train",
                     "step": step,
                     "loss": loss_value,
                     "grad_norm": float(grad_norm),
-                    "tokens": step * tokens_per_step,
-                    "tokens_per_s": tokens_since / max(elapsed, 1e-9),
+                    "tokens_per_s": tokens / max(elapsed, 1e-9),
                     # "lr" for the backbone, "lr_memory" when the model has memory parameters
                     **{
                         "lr" if g["name"].startswith("backbone") else "lr_memory": g["lr"]
@@ -274,6 +336,7 @@ class Trainer:
                     },
                 }
                 clock, tokens_since = time.perf_counter(), 0
+                loss_since, steps_since = torch.zeros((), device=device), 0
                 last.update(step=step, loss=loss_value)
                 if info.is_main:
                     self.metrics.write(record)
@@ -287,6 +350,7 @@ class Trainer:
                     info=info,
                     device=device,
                     dtype=tc.dtype,
+                    reader=self.reader,
                 )
                 last["val_loss"] = val_loss
                 if info.is_main:
@@ -302,13 +366,14 @@ class Trainer:
                         step=step,
                         trajectory=trajectory,
                         tokenizer=self.tokenizer,
+                        memory=self.memory,
                     )
                     prune_checkpoints(self.out_dir, tc.keep_last)
                 distributed.barrier()
         bar.close()
         if step == tc.max_steps and info.is_main:
             with atomic_path(self.out_dir / "final") as tmp:
-                _save_model(raw, tmp, self.tokenizer)
+                _save_model(raw, tmp, self.tokenizer, self.memory)
         distributed.barrier()
         return last
 
@@ -316,31 +381,42 @@ class Trainer:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: PackedDataset,
+    dataset: PackedDataset | DocumentDataset,
     *,
     batch_size: int,
     n_batches: int,
     info: distributed.DistInfo,
     device: torch.device,
     dtype: str = "auto",
+    reader: MemoryReader | None = None,
 ) -> float:
-    """Token-weighted mean loss over the first ``n_batches * batch_size * world_size`` sequences of
-    ``dataset`` — the same ones at every evaluation, so values are comparable across steps."""
+    """Token-weighted mean loss over the first ``n_batches * batch_size * world_size`` samples of
+    ``dataset`` — the same ones at every evaluation, so values are comparable across steps. Documents go
+    through ``reader`` (its memory, no augmentation)."""
     was_training = model.training
     model.eval()
     n_seq = min(len(dataset), n_batches * batch_size * info.world_size)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
     for start in range(info.rank * batch_size, n_seq, batch_size * info.world_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, n_seq))]
-        x = torch.stack([a for a, _ in items]).to(device)
-        y = torch.stack([b for _, b in items]).to(device)
+        idx = range(start, min(start + batch_size, n_seq))
+        if isinstance(dataset, DocumentDataset):
+            batch = reader.train_batch(dataset.texts(idx), train=False)
+        else:
+            items = [dataset[i] for i in idx]
+            batch = TrainBatch(torch.stack([a for a, _ in items]), torch.stack([b for _, b in items]))
+        batch.to(device)
         with _autocast(device, dtype):
-            loss = model(x, targets=y).loss.double()
-        n = (y != IGNORE_INDEX).sum()
+            loss = model(batch.input_ids, targets=batch.targets, **_memory_kw(batch)).loss.double()
+        n = (batch.targets != IGNORE_INDEX).sum()
         sums += torch.stack([loss * n, n.double()])
     distributed.all_reduce_sum(sums)
     model.train(was_training)
     return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def _memory_kw(batch: TrainBatch) -> dict:
+    """Pass ``memory=`` only when there is some, so models without a memory argument keep working."""
+    return {"memory": batch.memory} if batch.memory is not None else {}
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """AdamW with parameter groups.
 
 - No weight decay on 1-D parameters (norm gains, biases): decaying them only pulls scales toward zero.
-- Memory parameters (qualified name contains ``.memory.`` or starts with ``memory.``) get their own groups
-  and learning rate: memory tables often want a larger lr than the backbone (product-key memories, PlugLM).
+- Memory parameters get their own groups and learning rate: memory tables often want a larger lr than the
+  backbone (product-key memories, PlugLM). The model names them (``GPT.memory_parameter_names``: every
+  parameter of a design's hooks, whichever hook); a model without that method has none.
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ import torch
 from torch import nn
 
 
-def is_memory_param(name: str) -> bool:
-    return ".memory." in name or name.startswith("memory.")
-
-
 def param_groups(model: nn.Module, *, lr: float, memory_lr: float | None, weight_decay: float) -> list[dict]:
     """Up to four groups — backbone/memory x decay/no_decay — each with ``name``, ``lr`` and ``base_lr``.
 
     Empty groups are left out. Tied parameters appear once (``named_parameters`` de-duplicates them).
     """
+    memory_names = model.memory_parameter_names() if hasattr(model, "memory_parameter_names") else set()
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((is_memory_param(name), p.ndim >= 2), []).append(p)
+            buckets.setdefault((name in memory_names, p.ndim >= 2), []).append(p)
     groups = []
     for memory in (False, True):
         for decay in (True, False):

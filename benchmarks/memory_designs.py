@@ -1,0 +1,193 @@
+"""Every registered memory design side by side, in one run, on the same prompts and the same backbone size.
+
+For each design (``none`` is the dense baseline): decoding tokens/s at batch 1 and 16 *including* the design's
+retrieval (the reader prepares each batch of prompts, its step hook runs during decoding), the training step
+time (the reader's batch plus forward, backward and the optimizer), and the peak RSS of a process that did only
+that design's work. Each is also given as a ratio to dense. Weights are untrained: speed does not depend on them.
+
+    .venv/bin/python benchmarks/memory_designs.py --json benchmarks/results/memory_designs_cpu.json
+    .venv/bin/python benchmarks/memory_designs.py --device cuda --n-layer 12 --n-embd 768 --n-head 12
+
+A bios benchmark of ``--people`` people is generated, and its facts imported into a bank, in a cache folder
+(``--work``) reused by later runs; every design reads that bank with the options of its shipped config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Options a design runs with here (as in configs/<design>.yaml); a design missing here runs with its defaults.
+DESIGN_OPTIONS = {"rag": {"k": 4, "encoder": "minilm", "index": "exact"}}
+
+
+def prepare(work: Path, people: int) -> tuple[Path, Path, Path]:
+    """bios data, a bank of its facts, and a tokenizer, built once under ``work``."""
+    from memlm.bank.store import MemoryBank
+    from memlm.data.bios import BiosConfig, generate_bios
+    from memlm.data.text import iter_corpus
+    from memlm.tokenizer import Tokenizer
+
+    data, bank, tok = work / f"bios{people}", work / f"bank{people}", work / f"tok{people}"
+    if not (data / "meta.json").is_file():
+        generate_bios(data, BiosConfig(people=people, seed=0))
+    if not bank.exists():
+        with MemoryBank.create(bank) as b:
+            b.import_jsonl(data / "facts.jsonl")
+    if not (tok / "tokenizer.json").is_file():
+        Tokenizer.train(iter_corpus([data / "corpus/train.jsonl"]), vocab_size=2048).save(tok)
+    return data, bank, tok
+
+
+def run_design(args) -> dict:
+    """One design's measurements (run in its own process, so its peak RSS is its own)."""
+    import torch
+
+    from memlm.bank.store import MemoryBank
+    from memlm.data.text import iter_corpus
+    from memlm.generate import GenerationConfig, decode
+    from memlm.model import GPT, ModelConfig
+    from memlm.model.memory import get_memory_design
+    from memlm.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    data, bank_dir, tok_dir = prepare(work, args.people)
+    tok = Tokenizer.load(tok_dir)
+    cfg = ModelConfig(
+        vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+        n_embd=args.n_embd, memory=args.design, memory_options=DESIGN_OPTIONS.get(args.design, {}),
+    )  # fmt: skip
+    model = GPT(cfg).to(args.device)
+    design = get_memory_design(args.design)
+    bank = MemoryBank.open(bank_dir) if design.uses_bank else None
+    reader = design.reader(model, tok, bank)
+    qa = [json.loads(x)["prompt"] for x in (data / "qa/unseen.jsonl").read_text().splitlines()]
+    docs = list(iter_corpus([data / "corpus/train.jsonl"]))[: args.train_batch * (args.train_steps + 2)]
+    reader.prompts(qa[:2])  # build the retriever (encode the bank, build the index) outside the timings
+    reader.prepare_training(docs)
+
+    out: dict = {"design": args.design, "params": model.num_parameters()}
+    model.eval()
+    gcfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    for batch in (1, 16):
+        prompts = qa[: batch * args.decode_batches]
+
+        def run(prompts=prompts, batch=batch):
+            for i in range(0, len(prompts), batch):
+                b = reader.prompts(prompts[i : i + batch])  # retrieval is part of the cost
+                decode(model, b.token_ids, gcfg, pad_id=tok.pad_id, eos_id=-1, hook=reader.step_hook(b),
+                       memory=b.memory)  # fmt: skip
+
+        run(prompts[:batch])  # warm-up
+        _sync(args.device)
+        t0 = time.perf_counter()
+        run()
+        _sync(args.device)
+        out[f"decode_batch{batch}_tok_s"] = len(prompts) * args.new_tokens / (time.perf_counter() - t0)
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    import random
+
+    rng = random.Random(0)
+    times = []
+    for s in range(args.train_steps + 2):
+        texts = docs[s * args.train_batch : (s + 1) * args.train_batch]
+        _sync(args.device)
+        t0 = time.perf_counter()
+        b = reader.train_batch(texts, rng=rng).to(args.device)
+        loss = model(b.input_ids, targets=b.targets, memory=b.memory).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        if s >= 2:  # the first two warm up
+            times.append(time.perf_counter() - t0)
+    out["train_step_s"] = sorted(times)[len(times) // 2]
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--designs", default="", help="comma-separated (default: every registered design)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--people", type=int, default=500, help="bios people: the bank holds 6 facts each")
+    p.add_argument("--work", default=".bench_cache", help="where data, bank and tokenizer are cached")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--decode-batches", type=int, default=4, help="batches decoded per batch size")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--train-steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--design", help=argparse.SUPPRESS)  # worker mode: one design, JSON on stdout
+    args = p.parse_args()
+
+    if args.design:
+        print(json.dumps(run_design(args)))
+        return
+
+    from memlm.model.memory import list_memory_designs
+
+    designs = [d for d in (args.designs.split(",") if args.designs else list_memory_designs()) if d]
+    designs = ["none"] + [d for d in designs if d != "none"]
+    prepare(Path(args.work), args.people)
+    rows = []
+    for d in designs:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--design", d]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if res.returncode != 0:
+            raise SystemExit(f"{d} failed:\n{res.stderr[-3000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    dense = rows[0]
+    keys = ("decode_batch1_tok_s", "decode_batch16_tok_s", "train_step_s", "peak_rss_mib")
+    for r in rows:
+        r["vs_dense"] = {k: r[k] / dense[k] for k in keys}
+    head = "| design | decode b1 tok/s | decode b16 tok/s | train step ms | peak RSS MiB |"
+    print(head + "\n| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        v = r["vs_dense"]
+        name = "dense" if r["design"] == "none" else r["design"]
+        print(
+            f"| {name} | {r['decode_batch1_tok_s']:,.0f} ({v['decode_batch1_tok_s']:.2f}x) "
+            f"| {r['decode_batch16_tok_s']:,.0f} ({v['decode_batch16_tok_s']:.2f}x) "
+            f"| {1000 * r['train_step_s']:.1f} ({v['train_step_s']:.2f}x) "
+            f"| {r['peak_rss_mib']:.0f} ({v['peak_rss_mib']:.2f}x) |"
+        )
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "design"},
+        "design_options": DESIGN_OPTIONS,
+        "rows": rows,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+        },
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

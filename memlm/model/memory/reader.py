@@ -1,0 +1,142 @@
+"""The one reading path: what a memory design needs from the bank, built per batch.
+
+The trainer calls :meth:`MemoryReader.train_batch` on each batch of documents, the generator calls
+:meth:`MemoryReader.prompts` on each batch of prompts (and installs :meth:`MemoryReader.step_hook` when the
+design reads again during decoding), and QA evaluation goes through the generator. None of them knows which
+design it drives: a design overrides these methods, and the backbone reads what they put in the
+:class:`~memlm.model.memory.MemoryContext`.
+
+This base class is the reader of a model without memory (the dense baseline on document-aligned samples):
+``BOS doc EOS``, every token but BOS a target.
+
+Causality (``../shared/DESIGN.md``): what a training position reads from memory depends only on earlier
+tokens. A reader that retrieves with a *query* built from a document's prefix must take no loss on the query
+tokens; :class:`TrainBatch` reports each row's ``query_len`` so tests can check exactly that.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from memlm.data.pack import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from memlm.bank.store import MemoryBank
+    from memlm.generate import StepHook
+    from memlm.model.memory.base import MemoryContext
+    from memlm.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainBatch:
+    input_ids: Tensor  # (B, T), right-padded with PAD
+    targets: Tensor  # (B, T), already shifted; -100 where no loss is taken (memory, query, padding)
+    memory: MemoryContext | None = None
+    query_len: list[int] = field(default_factory=list)  # per row: tokens [0, query_len) feed retrieval
+    used: list[list[int]] = field(default_factory=list)  # per row: bank entry ids the sample reads
+
+    def to(self, device: torch.device) -> TrainBatch:
+        self.input_ids = self.input_ids.to(device, non_blocking=True)
+        self.targets = self.targets.to(device, non_blocking=True)
+        if self.memory is not None and hasattr(self.memory.inputs, "to"):
+            self.memory.inputs = self.memory.inputs.to(device)
+        return self
+
+
+@dataclass
+class PromptBatch:
+    """What the generator feeds for a batch of prompts."""
+
+    token_ids: list[list[int]]  # per row, BOS first: memory text (RAG) + the prompt
+    memory: MemoryContext | None = None  # handed to the first forward call
+    used: list[list[int]] = field(default_factory=list)  # per row: bank entry ids placed before the prompt
+    scores: list[list[float]] = field(default_factory=list)
+
+
+class MemoryReader:
+    """Feeds a model from a bank. The base class reads nothing: plain documents for a model without memory."""
+
+    skip_special_tokens = True  # LMLM keeps its lookup tokens in the generated text
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, bank: MemoryBank | None = None) -> None:
+        self.model, self.tokenizer, self.bank = model, tokenizer, bank
+        self.block_size = model.config.block_size
+        self.owns_bank = False  # set when the reader opened the bank itself (binding.load_reader)
+
+    # ---- training ------------------------------------------------------------------------------
+    def prepare_training(self, texts: Sequence[str], *, progress: bool = False) -> None:
+        """Called once before training with every training document (RAG precomputes retrieval here)."""
+
+    def train_batch(
+        self, texts: Sequence[str], *, rng: random.Random | None = None, train: bool = True
+    ) -> TrainBatch:
+        """Documents -> one padded batch. ``rng`` drives augmentation (``train=False``: none)."""
+        tok = self.tokenizer
+        rows = [[tok.bos_id, *ids, tok.eos_id] for ids in tok.encode_batch(list(texts))]
+        return self.collate(rows, [1] * len(rows))
+
+    def collate(
+        self,
+        rows: Sequence[Sequence[int]],
+        loss_from: Sequence[int],
+        *,
+        query_len: Sequence[int] | None = None,
+        used: Sequence[Sequence[int]] | None = None,
+        memory: MemoryContext | None = None,
+    ) -> TrainBatch:
+        """Right-pad token rows into (input_ids, targets); token ``i`` of a row is a target only when
+        ``i >= loss_from[row]``. Rows longer than ``block_size + 1`` are cut (their tail is lost)."""
+        rows = [list(r[: self.block_size + 1]) for r in rows]
+        T = max(len(r) for r in rows) - 1
+        x = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for i, (r, start) in enumerate(zip(rows, loss_from)):
+            ids = torch.tensor(r, dtype=torch.long)
+            x[i, : len(r) - 1] = ids[:-1]
+            first = max(start, 1) - 1  # target position t predicts token t + 1
+            y[i, first : len(r) - 1] = ids[first + 1 :]
+        return TrainBatch(
+            x,
+            y,
+            memory=memory,
+            query_len=list(query_len) if query_len is not None else [0] * len(rows),
+            used=[list(u) for u in used] if used is not None else [[] for _ in rows],
+        )
+
+    # ---- inference -----------------------------------------------------------------------------
+    def prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        ids = self.tokenizer.encode_batch(list(prompts), bos=True)
+        return PromptBatch(token_ids=ids, used=[[] for _ in ids], scores=[[] for _ in ids])
+
+    def step_hook(self, batch: PromptBatch) -> StepHook | None:
+        """A hook the generator runs before every forward call (retrieve every N tokens, look facts up)."""
+        return None
+
+    def check_bank(self, namespaces: Sequence[str] | None = None) -> None:
+        """Refuse a bank the model cannot read (none, or no entries where it reads): a clear error, never a
+        silent fallback to no memory."""
+        from memlm.bank.store import BankError
+
+        if self.bank is None:
+            raise BankError(f"memory design {self.model.config.memory!r} reads a memory bank; none was given")
+        if self.bank.count(namespaces) == 0:
+            where = f" in namespaces {list(namespaces)}" if namespaces is not None else ""
+            have = ", ".join(f"{k} ({v})" for k, v in self.bank.namespaces().items()) or "none"
+            raise BankError(
+                f"{self.bank.path}: no entries{where} for the model to read (bank namespaces: {have})"
+            )
+
+    def close(self) -> None:
+        if self.owns_bank and self.bank is not None:
+            self.bank.close()
+
+    def refresh(self) -> int:
+        """Bring derived state (indexes, cached artifacts) up to date with the bank's edits; returns how many
+        entries were re-derived. Readers also refresh on their own before each retrieval."""
+        return 0
