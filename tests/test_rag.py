@@ -76,6 +76,20 @@ def test_prompt_layout_and_provenance(bios, bank_dir, tokenizer):
         assert out.trace[0]["kind"] == "retrieve" and out.trace[0]["entry_ids"] == used
 
 
+@pytest.mark.parametrize(
+    ("doc", "query"),
+    [
+        ("Q: Which company employs Flora V. Halley?\nA: Blue Media", "Q: Which company employs Flora V. Halley?"),
+        ("Ada L. Byron was born in London. She wrote code.", "Ada L. Byron was born in London."),
+        ("Dr. Smith moved to the U.S. in 1990. Then he left.", "Dr. Smith moved to the U.S. in 1990."),
+        ("First line\nsecond line", "First line"),
+        ("No sentence end", "No sentence end"),
+    ],
+)
+def test_query_is_the_first_sentence_and_initials_do_not_end_it(doc, query):
+    assert query_text(doc) == query
+
+
 def test_training_query_never_holds_a_target(bios, bank_dir, tokenizer):
     model = rag_model()
     doc = next(json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()

@@ -36,6 +36,8 @@ from memlm.model.memory.registry import register_memory_design
 from memlm.tokenizer import MEM
 
 _SENTENCE_END = re.compile(r"[.?!](?=\s|$)|\n")
+_INITIAL = re.compile(r"(?:\w\.)*[A-Z]")  # "L" of "Ada L. Byron", "U.S" of "U.S."
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "inc", "ltd", "co", "e.g", "i.e"}
 
 
 @dataclass
@@ -71,10 +73,18 @@ class RAGOptions:
 
 
 def query_text(text: str, max_chars: int = 512) -> str:
-    """A training document's retrieval query: its first sentence or line, at most ``max_chars``."""
-    m = _SENTENCE_END.search(text, 0, max_chars)
-    if m is not None:
-        return text[: m.end() - (m.group() == "\n")]
+    """A training document's retrieval query: its first sentence or line, at most ``max_chars``.
+
+    A period after an initial or a common abbreviation ("Ada L. Byron", "Dr. Smith") does not end a sentence:
+    cutting there would retrieve with half a name.
+    """
+    for m in _SENTENCE_END.finditer(text, 0, max_chars):
+        if m.group() == "\n":
+            return text[: m.start()]
+        word = text[: m.start()].rsplit(None, 1)[-1] if text[: m.start()].strip() else ""
+        if m.group() == "." and (_INITIAL.fullmatch(word) or word.lower() in _ABBREVIATIONS):
+            continue
+        return text[: m.end()]
     if len(text) <= max_chars:
         return text
     cut = text.rfind(" ", 0, max_chars)
