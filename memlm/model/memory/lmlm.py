@@ -1,0 +1,298 @@
+"""LMLM: the model writes database lookups; generation pauses for the bank and goes on with its KV cache.
+
+Paper: "Pre-training Large Memory Language Models with Internal and External Knowledge" (LMLM, arXiv
+2505.15962; ``../shared/seeds/003``). The model is trained on text in which every fact carries its lookup,
+``<|db_entity|> E<|db_relationship|> R<|db_return|> V<|db_end|> V``, with the value ``V`` and ``<|db_end|>``
+masked from the loss (:func:`memlm.data.annotate.annotate_ids`): it learns to *ask* and to repeat what the
+database answers, never to produce the value from its weights. There are no memory parameters: the backbone
+is a plain GPT, and the bank is read through the text.
+
+What memlm does differently from the public code:
+
+- **The KV cache is kept across lookups, and the batch goes on.** When a row emits ``<|db_return|>`` the step
+  hook parses (E, R), looks it up and *forces* `` V<|db_end|>`` into that row (:meth:`DecodeState.force`):
+  the forced tokens go through the same cached forward, one per step, while the other rows keep sampling.
+  The public code stops, re-tokenises the whole text and regenerates from scratch after every lookup, one
+  sequence at a time (:func:`decode_regenerating` does that, as the benchmarks' reference line).
+- **Lookups are exact, then alias, then fuzzy** (:class:`~memlm.index.LexicalIndex`), scoped by namespace,
+  instead of an embedding top-1 above 0.6. A subject or relation the bank knows exactly is never fuzzily
+  moved to a neighbour, which is how the public design leaked 0.7-13.6% of deleted facts: a deleted fact is
+  answered ``unknown``. Every answer is re-read from the bank; no lookup result is cached.
+- **An unknown fact returns a value the model saw in training** (``options.unknown``): a share of training
+  documents (``unknown_prob``) look up a person absent from the bank and get that value back.
+- **A trace of every lookup** (query, matched entry id, match kind, score, value) comes back with the answer
+  (:attr:`Generation.trace`, ``memlm generate --sources``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memlm.data.annotate import annotate_ids, call_string, parse_calls
+from memlm.data.pack import IGNORE_INDEX
+from memlm.errors import ConfigError
+from memlm.model.memory.base import MemoryDesign
+from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
+from memlm.model.memory.registry import register_memory_design
+from memlm.tokenizer import DB_END, DB_ENTITY, DB_RELATIONSHIP, DB_RETURN
+
+
+@dataclass
+class LMLMOptions:
+    encoder: str | None = (
+        "minilm"  # fuzzy matching of unknown spellings (memlm.encode spec); None: exact/alias only
+    )
+    threshold: float = 0.8  # fuzzy: cosine a subject and a relation must each reach
+    namespaces: list[str] | None = None  # lookup scope; None: every namespace of the bank
+    unknown: str = (
+        "unknown"  # the value of a fact the bank does not hold (seen in training, see unknown_prob)
+    )
+    unknown_prob: float = 0.1  # training: share of one-call documents rewritten to ask about an absent person
+    max_call_tokens: int = 64  # a call longer than this (a runaway entity or relation) is answered unknown
+    disabled: bool = False  # ablation: every lookup returns `unknown` (the paper's "without the database")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"model.memory_options.threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 <= self.unknown_prob <= 1.0:
+            raise ConfigError(f"model.memory_options.unknown_prob must be in [0, 1], got {self.unknown_prob}")
+        if not self.unknown.strip():
+            raise ConfigError("model.memory_options.unknown must be a non-empty string")
+        if self.max_call_tokens < 4:
+            raise ConfigError(
+                f"model.memory_options.max_call_tokens must be >= 4, got {self.max_call_tokens}"
+            )
+
+
+@register_memory_design("lmlm")
+class LMLM(MemoryDesign):
+    options_class = LMLMOptions
+    uses_bank = True
+
+    def reader(self, model, tokenizer, bank=None) -> LMLMReader:
+        return LMLMReader(model, tokenizer, bank, self.options(model.config))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one lookup gave: the value forced into the text and where it came from."""
+
+    value: str
+    entry_id: int | None  # the bank entry read; None when the answer is `unknown`
+    how: str  # exact | alias | fuzzy | none (no match) | malformed (no parsable call) | disabled
+    score: float
+
+
+class LMLMReader(MemoryReader):
+    skip_special_tokens = False  # the lookups are part of the answer's text (QA scoring strips them)
+
+    def __init__(self, model, tokenizer, bank, options: LMLMOptions) -> None:
+        super().__init__(model, tokenizer, bank)
+        self.options = options
+        self.namespaces = options.namespaces
+        self.check_bank(self.namespaces)
+        self.entity_id, self.relation_id, self.return_id, self.end_id = (
+            tokenizer.token_id(t) for t in (DB_ENTITY, DB_RELATIONSHIP, DB_RETURN, DB_END)
+        )
+        self._index = None
+        self._exact = None
+        self._name_parts: list[list[str]] | None = None  # words of the training subjects, per position
+
+    # ---- lookups -------------------------------------------------------------------------------
+    @property
+    def index(self):
+        if self._index is None:
+            from memlm.index import LexicalIndex
+
+            enc = None
+            if self.options.encoder:
+                from memlm.encode import load_encoder
+
+                enc = load_encoder(self.options.encoder)
+            self._index = LexicalIndex(self.bank, enc, threshold=self.options.threshold)
+        return self._index
+
+    def refresh(self) -> int:
+        """The fuzzy index follows the bank's edit log; exact and alias lookups read the bank itself."""
+        if self.options.encoder:
+            before = self.index._version
+            self.index.refresh()
+            return len(self.bank.changed_since(before)) if before >= 0 else self.bank.count()
+        return 0
+
+    def lookup(self, entity: str, relation: str) -> Answer:
+        """(E, R) -> the value to force. Never cached: every answer is read from the bank as it is now."""
+        unknown = self.options.unknown
+        if self.options.disabled:
+            return Answer(unknown, None, "disabled", 0.0)
+        if not entity.strip() or not relation.strip():
+            return Answer(unknown, None, "malformed", 0.0)
+        hit = self.index.lookup(entity, relation, self.namespaces)
+        if hit is None or hit.entry.object is None:
+            return Answer(unknown, None, "none", 0.0)
+        return Answer(hit.entry.object, hit.entry.id, hit.how, float(hit.score))
+
+    def parse_call(self, ids: Sequence[int]) -> tuple[str, str] | None:
+        """Token ids ending in ``<|db_return|>`` -> (entity, relation) of the open call, or None."""
+        n = len(ids) - 1  # ids[n] is <|db_return|>
+        lo = max(0, n - self.options.max_call_tokens)
+        start = next((j for j in range(n - 1, lo - 1, -1) if ids[j] in (self.entity_id, self.end_id)), -1)
+        if start < 0 or ids[start] != self.entity_id:
+            return None  # no <|db_entity|> since the last finished call, within reach
+        body = list(ids[start + 1 : n])
+        if body.count(self.relation_id) != 1 or self.return_id in body:
+            return None
+        cut = body.index(self.relation_id)
+        decode = self.tokenizer.decode
+        return decode(body[:cut]).removeprefix(" "), decode(body[cut + 1 :]).removeprefix(" ")
+
+    def value_ids(self, value: str) -> list[int]:
+        """`` V<|db_end|>`` as training saw it (the value keeps the space the grammar puts before it)."""
+        return [*self.tokenizer.encode(" " + value), self.end_id]
+
+    # ---- inference -----------------------------------------------------------------------------
+    def step_hook(self, batch: PromptBatch):
+        """Before each forward: every live row whose last token is ``<|db_return|>`` gets its value forced.
+
+        The last token is the one the next forward call feeds, so the value follows it in the same cache;
+        rows that are not at a lookup are untouched and keep decoding.
+        """
+        prompts = batch.token_ids
+
+        def hook(state) -> None:
+            for i, toks in enumerate(state.tokens):
+                if state.finished[i] or state.forced[i]:
+                    continue
+                last = toks[-1] if toks else prompts[i][-1]
+                if last != self.return_id:
+                    continue
+                context = [*prompts[i], *toks]
+                call = self.parse_call(context[-(self.options.max_call_tokens + 1) :])
+                entity, relation = call if call is not None else ("", "")
+                answer = self.lookup(entity, relation)
+                state.force(i, self.value_ids(answer.value))
+                state.record(
+                    i,
+                    entry_ids=[answer.entry_id] if answer.entry_id is not None else [],
+                    kind="lookup",
+                    entity=entity,
+                    relation=relation,
+                    match=answer.how,
+                    score=answer.score,
+                    value=answer.value,
+                )
+
+        return hook
+
+    # ---- training ------------------------------------------------------------------------------
+    def prepare_training(self, texts: Sequence[str], *, progress: bool = False) -> None:
+        """Refuse plain text (nothing to learn to look up); collect the subjects' words for unknown lookups."""
+        calls = [c for t in texts for c in parse_calls(t)]
+        if texts and not calls:
+            raise ConfigError(
+                "memory lmlm trains on text annotated with lookups (e.g. corpus/train_lmlm.jsonl written by "
+                "`memlm data bios`); the training documents hold none"
+            )
+        self._collect_names(sorted({c.entity for c in calls}))
+
+    def _collect_names(self, subjects: Sequence[str]) -> None:
+        parts: list[list[str]] = []
+        for s in subjects:
+            words = s.split()
+            if len(words) >= 2:  # one-word subjects cannot be recombined into an absent name
+                parts.append(words)
+        self._name_parts = parts
+
+    def absent_subject(self, subject: str, rng: random.Random, tries: int = 8) -> str | None:
+        """A name shaped like ``subject`` made of words of other training subjects, unknown to the bank."""
+        if self._name_parts is None:
+            self._collect_names([])
+        pool = [p for p in self._name_parts if len(p) == len(subject.split())]
+        if len(pool) < 2:
+            return None
+        for _ in range(tries):
+            name = " ".join(pool[rng.randrange(len(pool))][j] for j in range(len(pool[0])))
+            if name != subject and not self._subject_known(name):
+                return name
+        return None
+
+    def _subject_known(self, subject: str) -> bool:
+        if self._exact is None:
+            from memlm.index import LexicalIndex
+
+            self._exact = LexicalIndex(self.bank, None)  # no encoder: training never loads one
+        return bool(self._exact.subject_entries(subject, self.namespaces))
+
+    def unknown_variant(self, text: str, rng: random.Random) -> str:
+        """A one-call document about an absent person: the subject renamed everywhere, the value ``unknown``.
+
+        ``Q: Where was Ada L. Byron born?\\nA:<call Ada L. Byron, birth_city -> Paris> Paris`` becomes the same
+        question about a name the bank does not hold, answered ``unknown`` in the call and in the text, which
+        is what a lookup of it returns at inference. Documents with several calls are left alone.
+        """
+        calls = parse_calls(text)
+        if len(calls) != 1:
+            return text
+        c = calls[0]
+        name = self.absent_subject(c.entity, rng)
+        if name is None:
+            return text
+        head, tail = text[: c.start], text[c.end :]
+        unknown = self.options.unknown
+        # The value repeated after the call: only the first occurrence, whole words.
+        tail = re.sub(r"(?<!\w)" + re.escape(c.value) + r"(?!\w)", unknown, tail, count=1)
+        swap = lambda s: re.sub(r"(?<!\w)" + re.escape(c.entity) + r"(?!\w)", name, s)  # noqa: E731
+        return swap(head) + call_string(name, c.relation, unknown) + swap(tail)
+
+    def train_batch(
+        self, texts: Sequence[str], *, rng: random.Random | None = None, train: bool = True
+    ) -> TrainBatch:
+        """``BOS doc EOS`` with the looked-up values and ``<|db_end|>`` masked from the loss."""
+        tok = self.tokenizer
+        p = self.options.unknown_prob if train and rng is not None else 0.0
+        rows, keep = [], []
+        for text in texts:
+            if p > 0 and rng.random() < p:
+                text = self.unknown_variant(text, rng)
+            ids, mask = annotate_ids(tok, text)
+            rows.append([tok.bos_id, *ids, tok.eos_id])
+            keep.append([False, *mask, True])
+        batch = self.collate(rows, [1] * len(rows))
+        T = batch.targets.shape[1]
+        # target t predicts token t + 1: masked where token t + 1 is a looked-up value or <|db_end|>
+        never = torch.tensor([[not k for k in row[1 : T + 1]] + [False] * (T + 1 - len(row)) for row in keep])
+        batch.targets[never] = IGNORE_INDEX
+        return batch
+
+
+@torch.inference_mode()
+def decode_regenerating(
+    reader: LMLMReader, prompt: Sequence[int], max_new_tokens: int, *, eos_id: int
+) -> list[int]:
+    """The public code's decoding, for reference: one sequence, greedy; at ``<|db_return|>`` stop, look up,
+    append `` V<|db_end|>`` and start again from scratch on the whole text (the KV cache is thrown away).
+
+    Returns the generated tokens (forced ones included), which equal the cached decode's.
+    """
+    from memlm.generate import GenerationConfig, decode
+
+    model, tok = reader.model, reader.tokenizer
+    ids, out = list(prompt), []
+    while len(out) < max_new_tokens:
+        if ids[-1] == reader.return_id:
+            call = reader.parse_call(ids[-(reader.options.max_call_tokens + 1) :])
+            answer = reader.lookup(*(call or ("", "")))
+            forced = reader.value_ids(answer.value)[: max_new_tokens - len(out)]
+            ids, out = ids + forced, out + forced
+            continue
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens - len(out), stop_token_ids=(reader.return_id,))
+        new = decode(model, [ids], cfg, pad_id=tok.pad_id, eos_id=eos_id).tokens[0]
+        ids, out = ids + new, out + new
+        if not new or new[-1] != reader.return_id:
+            break
+    return out
