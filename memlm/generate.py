@@ -192,7 +192,8 @@ class Generator:
     The reader (:mod:`memlm.model.memory.reader`) turns each batch of prompts into what the model is fed (RAG
     puts retrieved entries before the prompt) and may install a step hook (retrieve every N tokens, look a fact
     up). Every :class:`Generation` carries the bank entry ids its answer used (``retrieved``) and the events
-    behind them (``trace``). A model without memory gets the plain reader: ``retrieved`` is None.
+    behind them (``trace``). A model without memory gets the plain reader: ``retrieved`` is None; a memory
+    model's answer that read nothing has ``retrieved == []`` (a miss, not "no provenance").
     """
 
     def __init__(
@@ -302,7 +303,9 @@ class Generator:
                         text=text if cut is None else text[:cut],
                         token_ids=toks,
                         finish_reason="stop" if stopped else "length",
-                        retrieved=state.retrieved[i] if state.trace[i] else None,
+                        retrieved=state.retrieved[i]
+                        if state.trace[i] or self.reader.bank is not None
+                        else None,
                         trace=state.trace[i],
                     )
                 )
