@@ -17,7 +17,7 @@ from memlm.errors import ConfigError
 from memlm.generate import GenerationConfig, Generator, decode
 from memlm.model import GPT, ModelConfig
 from memlm.model.memory.binding import load_reader, memory_record
-from memlm.model.memory.lmlm import decode_regenerating
+from memlm.model.memory.lmlm import decode_regenerating, scheduled_calls
 from memlm.model.memory.reader import PromptBatch
 from memlm.tokenizer import DB_END, DB_ENTITY, DB_RELATIONSHIP, DB_RETURN, Tokenizer
 
@@ -78,22 +78,11 @@ def call_ids(tokenizer, entity, relation):
 
 
 def script(tokenizer, plan):
-    """A user hook that makes row i write calls: plan = {row: [(step, entity, relation)]}, each call written
-    at ``step`` or, if the row is still busy with forced tokens then, as soon as it is free. The reader's hook
-    (which runs first) then sees ``<|db_return|>`` and answers it."""
-
-    def factory():
-        pending = {row: sorted(calls) for row, calls in plan.items()}
-
-        def hook(state):
-            for row, calls in pending.items():
-                if calls and state.step >= calls[0][0] and not state.forced[row] and not state.finished[row]:
-                    _, entity, relation = calls.pop(0)
-                    state.force(row, call_ids(tokenizer, entity, relation))
-
-        return hook
-
-    return factory
+    """Hook factory: row i writes calls, plan = {row: [(n, entity, relation)]}, each once the row has n tokens
+    and nothing forced. The reader's hook (which runs first) sees ``<|db_return|>`` and answers it."""
+    rows = max(plan) + 1
+    schedule = [{n: call_ids(tokenizer, e, r) for n, e, r in plan.get(i, [])} for i in range(rows)]
+    return lambda: scheduled_calls(schedule)
 
 
 class CountingModel(torch.nn.Module):
@@ -268,10 +257,17 @@ def test_regenerating_from_scratch_gives_the_same_tokens(bios, bank, tokenizer):
     prompt = tokenizer.encode(f"Q: Where was {name} born?\nA:", bos=True) + call_ids(
         tokenizer, name, "birth_city"
     )
-    cached = decode(model, [prompt], GenerationConfig(max_new_tokens=24), pad_id=tokenizer.pad_id,
-                    eos_id=tokenizer.eos_id, hook=reader.step_hook(PromptBatch(token_ids=[prompt])))  # fmt: skip
-    assert tokenizer.decode(cached.tokens[0]).startswith(" " + facts["birth_city"])
-    assert decode_regenerating(reader, prompt, 24, eos_id=tokenizer.eos_id) == cached.tokens[0]
+    calls = {30: call_ids(tokenizer, name, "employer")}
+    hook = reader.step_hook(PromptBatch(token_ids=[prompt]))
+    then = scheduled_calls([calls])
+    cached = decode(model, [prompt], GenerationConfig(max_new_tokens=80), pad_id=tokenizer.pad_id,
+                    eos_id=tokenizer.eos_id, hook=lambda s: (hook(s), then(s)))  # fmt: skip
+    text = tokenizer.decode(cached.tokens[0], skip_special_tokens=False)
+    assert (
+        text.startswith(f" {facts['birth_city']}{DB_END}")
+        and f"{DB_RETURN} {facts['employer']}{DB_END}" in text
+    )
+    assert decode_regenerating(reader, prompt, 80, eos_id=tokenizer.eos_id, calls=calls) == cached.tokens[0]
 
 
 # ---- lookups: unknown facts, namespaces, deletion, trace ----------------------------------------------
@@ -284,7 +280,7 @@ def test_unknown_facts_get_the_unknown_value_the_model_trained_on(bios, bank, to
     assert reader.lookup(name, "birth_city").value == facts["birth_city"]
     assert reader.lookup("Zanzibar Q. Nobody", "birth_city").value == "unknown"  # no such person
     assert reader.lookup(name, "shoe_size").how == "none"  # no such relation
-    assert reader.parse_call(call_ids(tokenizer, name, "major")) == (name, "major")
+    assert reader.parse_call(call_ids(tokenizer, name, "major")) == (name, "major", 0)
     assert reader.parse_call(tokenizer.encode(f"{DB_ENTITY} {name}{DB_RETURN}")) is None  # no relation
     assert reader.parse_call(tokenizer.encode(f"{DB_RELATIONSHIP} major{DB_RETURN}")) is None  # no entity
     gen = Generator(model, tokenizer, reader=reader)
@@ -447,3 +443,89 @@ def test_a_training_step_on_cpu(bios, bank_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     assert any(r["kind"] == "eval" and r["val_loss"] > 0 for r in rows)
     assert json.loads((out / "memory.json").read_text())["design"] == "lmlm"
+
+
+# ---- the context resolver: which bank relation the sentence of a call asks for --------------------------
+
+
+def test_call_sentence_is_the_clause_the_call_was_written_in(bios, bank, tokenizer):
+    reader = load_reader(None, lmlm_model(relation="context"), tokenizer, bank=bank)
+    name, facts = person(bios)
+    q = tokenizer.encode(f"Q: Where was {name} born?\nA:")
+    assert reader.call_sentence(q, name) == "Q: Where was someone born? A:"
+    bio = f"{name} was born on{call_ids_text(name, 'birth_date', facts['birth_date'])} 1 May 1990. {name} hails from"
+    assert reader.call_sentence(tokenizer.encode(bio), name) == "someone hails from"
+    full = tokenizer.encode(bio) + call_ids(tokenizer, name, "birth_city")
+    assert reader._read_call(full) == (name, "birth_city", "someone hails from")
+
+
+def call_ids_text(entity, relation, value):
+    return f"{DB_ENTITY} {entity}{DB_RELATIONSHIP} {relation}{DB_RETURN} {value}{DB_END}"
+
+
+@pytest.fixture
+def geo(tmp_path):
+    with MemoryBank.create(tmp_path / "geo") as bank:
+        bank.add(
+            subject="France", relation="capital", object="Paris", text="The capital city of France is Paris."
+        )
+        bank.add(
+            subject="France", relation="currency", object="Euro", text="People in France pay with the Euro."
+        )
+        bank.add(subject="Peru", relation="capital", object="Lima", text="The capital city of Peru is Lima.")
+        bank.add(subject="Peru", relation="currency", object="Sol", text="People in Peru pay with the Sol.")
+        bank.add(subject="Mars", relation="moons", object="2", text="Mars has 2 moons.", namespace="space")
+        yield bank
+
+
+def test_the_sentence_decides_the_relation_and_the_written_one_is_evidence(tokenizer, geo):
+    ctx = load_reader(None, lmlm_model(relation="context", written_weight=0.1), tokenizer, bank=geo)
+    written = load_reader(None, lmlm_model(), tokenizer, bank=geo)
+    ask = "Q: Which city is the capital city of someone? A:"
+    assert written.lookup("Peru", "currency", ask).value == "Sol"  # the model's relation, as written
+    answer = ctx.lookup("Peru", "currency", ask)  # the sentence outweighs a wrong written relation
+    assert (answer.value, answer.relation, answer.how) == ("Lima", "capital", "exact")
+    assert ctx.lookup("Peru", "currency", "Q: What do people in someone pay with? A:").value == "Sol"
+    assert ctx.lookup("Peru", "money", "Q: What do people in someone pay with? A:").value == "Sol"
+    stubborn = load_reader(None, lmlm_model(relation="context", written_weight=5.0), tokenizer, bank=geo)
+    assert (
+        stubborn.lookup("Peru", "currency", ask).value == "Sol"
+    )  # a heavy written weight: the model decides
+    assert ctx.lookup("Peru", "capital", None).value == "Lima"  # no sentence: the written relation
+    # a relation of another namespace is no candidate; one that no entry uses any more neither
+    scoped = load_reader(None, lmlm_model(relation="context", namespaces=["default"]), tokenizer, bank=geo)
+    assert scoped.relations.resolve(["How many moons has someone?"], ["moons"], ["default"])[0][0] != "moons"
+    assert ctx.relations.resolve(["How many moons has someone?"], ["moons"])[0][0] == "moons"
+    peru = ctx.lookup("Peru", "capital", ask).entry_id
+    geo.delete([peru])  # Peru's capital is gone: unknown, never Peru's currency or France's capital
+    gone = ctx.lookup("Peru", "currency", ask)
+    assert (gone.value, gone.relation) == ("unknown", "capital")
+    geo.delete([e.id for e in geo if e.relation == "capital"])
+    assert ctx.relations.resolve([ask], ["capital"])[0][0] != "capital"
+
+
+def test_context_lookups_run_in_the_decode_and_show_in_the_trace(bios, bank, tokenizer):
+    model = lmlm_model(relation="context", written_weight=0.0)
+    reader = load_reader(None, model, tokenizer, bank=bank)
+    name, facts = person(bios, 4)
+    gen = Generator(model, tokenizer, reader=reader,
+                    hook_factory=script(tokenizer, {0: [(0, name, "employer")], 1: [(3, name, "major")]}))  # fmt: skip
+    outs = gen.generate(
+        [f"Q: {name} studied at which university?\nA:", f"Q: Who employs {name}?\nA:"], max_new_tokens=60
+    )
+    for out in outs:
+        (event,) = out.trace
+        assert event["relation"] in ("employer", "major") and event["asked"] in facts
+        assert event["value"] == facts[event["asked"]]
+
+
+@pytest.mark.slow
+def test_minilm_maps_phrasings_the_model_never_saw_to_the_bank_relation(bank, tokenizer):
+    reader = load_reader(
+        None, lmlm_model(relation="context", encoder="minilm", threshold=0.8), tokenizer, bank=bank
+    )
+    asks = {"birth_city": "Q: What is the hometown of someone? A:", "birth_date": "Q: What is the date of birth "
+            "of someone? A:", "university": "Q: What is the alma mater of someone? A:",
+            "employer_city": "Q: In which city does someone work? A:"}  # fmt: skip
+    got = reader.relations.resolve(list(asks.values()), ["major"] * len(asks))
+    assert [r for r, _ in got] == list(asks)

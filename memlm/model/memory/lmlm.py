@@ -33,28 +33,32 @@ from dataclasses import dataclass
 
 import torch
 
-from memlm.data.annotate import annotate_ids, call_string, parse_calls
+from memlm.data.annotate import annotate_ids, call_string, parse_calls, strip_calls
 from memlm.data.pack import IGNORE_INDEX
 from memlm.errors import ConfigError
+from memlm.index.relations import SOMEONE
 from memlm.model.memory.base import MemoryDesign
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
 from memlm.model.memory.registry import register_memory_design
 from memlm.tokenizer import DB_END, DB_ENTITY, DB_RELATIONSHIP, DB_RETURN
 
+# A clause ends at a sentence end followed by a space, or a line end (the entity, where initials would break
+# this, is already replaced by a neutral word).
+_CLAUSE_END = re.compile(r"(?<=[.?!])\s+|\n")
+
 
 @dataclass
 class LMLMOptions:
-    encoder: str | None = (
-        "minilm"  # fuzzy matching of unknown spellings (memlm.encode spec); None: exact/alias only
-    )
-    threshold: float = 0.8  # fuzzy: cosine a subject and a relation must each reach
+    encoder: str | None = "minilm"  # fuzzy matching (memlm.encode spec); None: exact and alias lookups only
+    threshold: float = 0.8  # fuzzy: cosine a subject (and a paraphrased relation) must reach
     namespaces: list[str] | None = None  # lookup scope; None: every namespace of the bank
-    unknown: str = (
-        "unknown"  # the value of a fact the bank does not hold (seen in training, see unknown_prob)
-    )
-    unknown_prob: float = 0.1  # training: share of one-call documents rewritten to ask about an absent person
-    max_call_tokens: int = 64  # a call longer than this (a runaway entity or relation) is answered unknown
-    disabled: bool = False  # ablation: every lookup returns `unknown` (the paper's "without the database")
+    unknown: str = "unknown"  # the value of a fact the bank does not hold (trained on: unknown_prob)
+    unknown_prob: float = 0.1  # training: share of one-call documents rewritten to ask about an absent name
+    max_call_tokens: int = 64  # a longer call (a runaway entity or relation) is answered unknown
+    relation: str = "written"  # written: as the model wrote it | context: what its sentence asks for
+    written_weight: float = 0.5  # context: weight of the written relation against the sentence
+    context_words: int = 3  # context: a call's sentence is its last clause, extended to this many words
+    disabled: bool = False  # ablation: every lookup answers `unknown` (the paper's "without the database")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -63,6 +67,12 @@ class LMLMOptions:
             raise ConfigError(f"model.memory_options.unknown_prob must be in [0, 1], got {self.unknown_prob}")
         if not self.unknown.strip():
             raise ConfigError("model.memory_options.unknown must be a non-empty string")
+        if self.relation not in ("written", "context"):
+            raise ConfigError(
+                f"model.memory_options.relation must be written or context, got {self.relation!r}"
+            )
+        if self.relation == "context" and not self.encoder:
+            raise ConfigError("model.memory_options.relation=context needs an encoder (e.g. minilm)")
         if self.max_call_tokens < 4:
             raise ConfigError(
                 f"model.memory_options.max_call_tokens must be >= 4, got {self.max_call_tokens}"
@@ -86,6 +96,7 @@ class Answer:
     entry_id: int | None  # the bank entry read; None when the answer is `unknown`
     how: str  # exact | alias | fuzzy | none (no match) | malformed (no parsable call) | disabled
     score: float
+    relation: str = ""  # the relation looked up (the written one, or the one the sentence asks for)
 
 
 class LMLMReader(MemoryReader):
@@ -100,6 +111,7 @@ class LMLMReader(MemoryReader):
             tokenizer.token_id(t) for t in (DB_ENTITY, DB_RELATIONSHIP, DB_RETURN, DB_END)
         )
         self._index = None
+        self._relations = None
         self._exact = None
         self._name_parts: list[list[str]] | None = None  # words of the training subjects, per position
 
@@ -125,20 +137,62 @@ class LMLMReader(MemoryReader):
             return len(self.bank.changed_since(before)) if before >= 0 else self.bank.count()
         return 0
 
-    def lookup(self, entity: str, relation: str) -> Answer:
-        """(E, R) -> the value to force. Never cached: every answer is read from the bank as it is now."""
-        unknown = self.options.unknown
-        if self.options.disabled:
-            return Answer(unknown, None, "disabled", 0.0)
-        if not entity.strip() or not relation.strip():
-            return Answer(unknown, None, "malformed", 0.0)
-        hit = self.index.lookup(entity, relation, self.namespaces)
-        if hit is None or hit.entry.object is None:
-            return Answer(unknown, None, "none", 0.0)
-        return Answer(hit.entry.object, hit.entry.id, hit.how, float(hit.score))
+    @property
+    def relations(self):
+        if self._relations is None:
+            from memlm.index.relations import RelationIndex
 
-    def parse_call(self, ids: Sequence[int]) -> tuple[str, str] | None:
-        """Token ids ending in ``<|db_return|>`` -> (entity, relation) of the open call, or None."""
+            self._relations = RelationIndex(
+                self.bank, self.index.encoder, written_weight=self.options.written_weight
+            )
+        return self._relations
+
+    def lookup(self, entity: str, relation: str, sentence: str | None = None) -> Answer:
+        """(E, R) -> the value to force. Never cached: every answer is read from the bank as it is now."""
+        return self.lookup_many([(entity, relation, sentence)])[0]
+
+    def lookup_many(self, calls: Sequence[tuple[str, str, str | None]]) -> list[Answer]:
+        """Each (entity, written relation, sentence of the call) -> its :class:`Answer`, in one encoder batch.
+
+        ``relation: context`` swaps the written relation for the bank relation that the sentence asks for
+        (:class:`~memlm.index.relations.RelationIndex`); the entity is always the one written.
+        """
+        o = self.options
+        out: list[Answer | None] = [None] * len(calls)
+        for i, (entity, relation, _) in enumerate(calls):
+            if o.disabled:
+                out[i] = Answer(o.unknown, None, "disabled", 0.0, relation)
+            elif not entity.strip() or not relation.strip():
+                out[i] = Answer(o.unknown, None, "malformed", 0.0, relation)
+        todo = [i for i, a in enumerate(out) if a is None]
+        asked = {i: calls[i][1] for i in todo}
+        if o.relation == "context":
+            use = [i for i in todo if calls[i][2]]
+            resolved = self.relations.resolve(
+                [calls[i][2] for i in use], [calls[i][1] for i in use], self.namespaces
+            )
+            asked.update((i, rel) for i, (rel, _) in zip(use, resolved) if rel is not None)
+        for i in todo:
+            hit = self.index.lookup(calls[i][0], asked[i], self.namespaces)
+            if hit is None or hit.entry.object is None:
+                out[i] = Answer(o.unknown, None, "none", 0.0, asked[i])
+            else:
+                out[i] = Answer(hit.entry.object, hit.entry.id, hit.how, float(hit.score), asked[i])
+        return out
+
+    def call_sentence(self, ids: Sequence[int], entity: str) -> str:
+        """The clause a call was written in: the text before it (earlier calls removed), the entity replaced by
+        a neutral word, from its last sentence or line, extended backwards to ``context_words`` words
+        (``Q: Where was someone born? A:`` for a question, ``someone hails from`` inside a biography)."""
+        text = strip_calls(self.tokenizer.decode(ids)).replace(entity, SOMEONE) if entity else ""
+        pieces = [p for p in _CLAUSE_END.split(text) if p.strip()]
+        out: list[str] = []
+        while pieces and sum(len(p.split()) for p in out) < self.options.context_words:
+            out.insert(0, pieces.pop().strip())
+        return " ".join(out)
+
+    def parse_call(self, ids: Sequence[int]) -> tuple[str, str, int] | None:
+        """Token ids ending in ``<|db_return|>`` -> (entity, relation, index of its ``<|db_entity|>``), or None."""
         n = len(ids) - 1  # ids[n] is <|db_return|>
         lo = max(0, n - self.options.max_call_tokens)
         start = next((j for j in range(n - 1, lo - 1, -1) if ids[j] in (self.entity_id, self.end_id)), -1)
@@ -149,7 +203,19 @@ class LMLMReader(MemoryReader):
             return None
         cut = body.index(self.relation_id)
         decode = self.tokenizer.decode
-        return decode(body[:cut]).removeprefix(" "), decode(body[cut + 1 :]).removeprefix(" ")
+        return decode(body[:cut]).removeprefix(" "), decode(body[cut + 1 :]).removeprefix(" "), start
+
+    def _read_call(self, context: Sequence[int]) -> tuple[str, str, str | None]:
+        """(entity, relation, sentence) of the call that ``context`` (ending in ``<|db_return|>``) closes."""
+        n = self.options.max_call_tokens + 1
+        call = self.parse_call(context[-n:])
+        if call is None:
+            return "", "", None
+        entity, relation, start = call
+        sentence = None
+        if self.options.relation == "context":
+            sentence = self.call_sentence(context[: max(len(context) - n, 0) + start], entity)
+        return entity, relation, sentence
 
     def value_ids(self, value: str) -> list[int]:
         """`` V<|db_end|>`` as training saw it (the value keeps the space the grammar puts before it)."""
@@ -165,16 +231,15 @@ class LMLMReader(MemoryReader):
         prompts = batch.token_ids
 
         def hook(state) -> None:
+            rows, calls = [], []
             for i, toks in enumerate(state.tokens):
                 if state.finished[i] or state.forced[i]:
                     continue
-                last = toks[-1] if toks else prompts[i][-1]
-                if last != self.return_id:
+                if (toks[-1] if toks else prompts[i][-1]) != self.return_id:
                     continue
-                context = [*prompts[i], *toks]
-                call = self.parse_call(context[-(self.options.max_call_tokens + 1) :])
-                entity, relation = call if call is not None else ("", "")
-                answer = self.lookup(entity, relation)
+                rows.append(i)
+                calls.append(self._read_call([*prompts[i], *toks]))
+            for i, (entity, relation, _), answer in zip(rows, calls, self.lookup_many(calls)):
                 state.force(i, self.value_ids(answer.value))
                 state.record(
                     i,
@@ -182,6 +247,7 @@ class LMLMReader(MemoryReader):
                     kind="lookup",
                     entity=entity,
                     relation=relation,
+                    asked=answer.relation,
                     match=answer.how,
                     score=answer.score,
                     value=answer.value,
@@ -272,27 +338,54 @@ class LMLMReader(MemoryReader):
 
 @torch.inference_mode()
 def decode_regenerating(
-    reader: LMLMReader, prompt: Sequence[int], max_new_tokens: int, *, eos_id: int
+    reader: LMLMReader,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    eos_id: int,
+    calls: dict[int, Sequence[int]] | None = None,
 ) -> list[int]:
     """The public code's decoding, for reference: one sequence, greedy; at ``<|db_return|>`` stop, look up,
     append `` V<|db_end|>`` and start again from scratch on the whole text (the KV cache is thrown away).
 
+    ``calls``: tokens to write once ``n`` tokens are generated (a stand-in for a model that writes its own
+    calls, for benchmarks and tests; :func:`scheduled_calls` is the same schedule for the cached decode).
     Returns the generated tokens (forced ones included), which equal the cached decode's.
     """
     from memlm.generate import GenerationConfig, decode
 
     model, tok = reader.model, reader.tokenizer
+    pending = sorted((calls or {}).items())
     ids, out = list(prompt), []
     while len(out) < max_new_tokens:
         if ids[-1] == reader.return_id:
-            call = reader.parse_call(ids[-(reader.options.max_call_tokens + 1) :])
-            answer = reader.lookup(*(call or ("", "")))
+            answer = reader.lookup(*reader._read_call(ids))
             forced = reader.value_ids(answer.value)[: max_new_tokens - len(out)]
             ids, out = ids + forced, out + forced
             continue
+        done = len(out)
+
+        def hook(state, done=done) -> None:
+            if pending and pending[0][0] <= done + len(state.tokens[0]) and not state.forced[0]:
+                state.force(0, pending.pop(0)[1])
+
         cfg = GenerationConfig(max_new_tokens=max_new_tokens - len(out), stop_token_ids=(reader.return_id,))
-        new = decode(model, [ids], cfg, pad_id=tok.pad_id, eos_id=eos_id).tokens[0]
+        new = decode(model, [ids], cfg, pad_id=tok.pad_id, eos_id=eos_id, hook=hook).tokens[0]
         ids, out = ids + new, out + new
         if not new or new[-1] != reader.return_id:
             break
     return out
+
+
+def scheduled_calls(calls: Sequence[dict[int, Sequence[int]]]):
+    """A step hook that writes ``calls[row][n]`` into a row once it has ``n`` tokens and nothing forced: the
+    calls a trained model would write, for benchmarks and tests of untrained weights. Run it after the
+    reader's hook, which answers them."""
+    pending = [sorted(c.items()) for c in calls]
+
+    def hook(state) -> None:
+        for i, todo in enumerate(pending):
+            if todo and todo[0][0] <= len(state.tokens[i]) and not state.forced[i] and not state.finished[i]:
+                state.force(i, todo.pop(0)[1])
+
+    return hook
