@@ -16,6 +16,7 @@ entry uses any more is no candidate.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,19 +39,30 @@ def blank(text: str, subject: str | None, obj: str | None) -> str:
 class RelationIndex:
     """``resolve(sentences, written, namespaces) -> [(relation, score)]``: the bank relation each sentence asks for."""
 
-    def __init__(self, bank: MemoryBank, encoder: Encoder, *, written_weight: float = 0.5) -> None:
+    def __init__(
+        self, bank: MemoryBank, encoder: Encoder, *, written_weight: float = 0.5, cache_size: int = 4096
+    ) -> None:
         self.bank, self.encoder, self.written_weight = bank, encoder, written_weight
         self._version = -1
         self._names: list[str] = []  # relation names as the bank spells them
         self._spaces: list[set[str]] = []  # namespaces each relation occurs in
         self._name_vecs = self._text_vecs = np.zeros((0, 0), np.float32)
-        self._vec_cache: dict[str, np.ndarray] = {}
+        # Vectors of texts only (sentences with the entity blanked, relation names): no fact's value is ever
+        # cached here, so nothing deleted can come back through it. Sentences repeat across entities.
+        self._vec_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, d) vectors of ``texts``, through a least-recently-used cache."""
         new = [t for t in dict.fromkeys(texts) if t not in self._vec_cache]
         if new:
             self._vec_cache.update(zip(new, self.encoder.encode(new)))
-        return np.stack([self._vec_cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+        out = np.stack([self._vec_cache[t] for t in texts])
+        for t in texts:
+            self._vec_cache.move_to_end(t)
+        while len(self._vec_cache) > max(self._cache_size, len(texts)):
+            self._vec_cache.popitem(last=False)
+        return out
 
     def refresh(self) -> None:
         """Re-read the schema (relations in use and the first entry stating each) when the bank changed."""
@@ -82,8 +94,8 @@ class RelationIndex:
         )
         if not sentences or not allowed.any():
             return [(None, 0.0)] * len(sentences)
-        q = self.encoder.encode(list(sentences))  # (B, d)
-        w = self.encoder.encode([readable(x) for x in written])  # (B, d)
+        q = self._encode(list(sentences))  # (B, d)
+        w = self._encode([readable(x) for x in written])  # (B, d)
         scores = q @ self._name_vecs.T + q @ self._text_vecs.T + self.written_weight * (w @ self._name_vecs.T)
         scores[:, ~allowed] = -np.inf  # (B, R)
         best = scores.argmax(1)
