@@ -79,7 +79,10 @@ def test_prompt_layout_and_provenance(bios, bank_dir, tokenizer):
 @pytest.mark.parametrize(
     ("doc", "query"),
     [
-        ("Q: Which company employs Flora V. Halley?\nA: Blue Media", "Q: Which company employs Flora V. Halley?"),
+        (
+            "Q: Which company employs Flora V. Halley?\nA: Blue Media",
+            "Q: Which company employs Flora V. Halley?",
+        ),
         ("Ada L. Byron was born in London. She wrote code.", "Ada L. Byron was born in London."),
         ("Dr. Smith moved to the U.S. in 1990. Then he left.", "Dr. Smith moved to the U.S. in 1990."),
         ("First line\nsecond line", "First line"),

@@ -37,7 +37,24 @@ from memlm.tokenizer import MEM
 
 _SENTENCE_END = re.compile(r"[.?!](?=\s|$)|\n")
 _INITIAL = re.compile(r"(?:\w\.)*[A-Z]")  # "L" of "Ada L. Byron", "U.S" of "U.S."
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "inc", "ltd", "co", "e.g", "i.e"}
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "no",
+    "inc",
+    "ltd",
+    "co",
+    "e.g",
+    "i.e",
+}
 
 
 @dataclass
