@@ -239,6 +239,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return {str(k): (yaml.safe_load(v) if isinstance(v, _Raw) else v) for k, v in value.items()}
+    except ConfigError:
+        raise  # from a nested dataclass: its message names the key that is wrong
     except (TypeError, ValueError, yaml.YAMLError):
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}") from None
     return value

@@ -218,7 +218,9 @@ def test_training_picks_the_entry_the_continuation_names_and_noises_only_the_que
     with MemoryBank.open(bank_dir) as bank:
         plain = load_reader(None, rag_model(k=1), tokenizer, bank=bank)
         hits = plain.search([query_text(doc)], k=6)[0][0]
-        gold = next(e.id for e in bank if (e.subject, e.relation) == (person[3]["subject"], person[3]["relation"]))
+        gold = next(
+            e.id for e in bank if (e.subject, e.relation) == (person[3]["subject"], person[3]["relation"])
+        )
         assert gold in hits and hits[0] != gold  # plain top-1 misses it, top-6 has it
         picking = load_reader(None, rag_model(k=1, train_pick=6), tokenizer, bank=bank)
         assert plain.train_batch([doc], rng=random.Random(0)).used == [[hits[0]]]
@@ -230,4 +232,6 @@ def test_training_picks_the_entry_the_continuation_names_and_noises_only_the_que
         assert torch.equal(a.input_ids[0, :mem_len], b.input_ids[0, :mem_len])  # memory untouched
         assert (a.input_ids[0, mem_len:q_len] != b.input_ids[0, mem_len:q_len]).float().mean() > 0.8
         assert (b.input_ids[0, mem_len:q_len] >= 8).all()  # never a special token
-        assert torch.equal(a.input_ids[0, q_len:], b.input_ids[0, q_len:]) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.input_ids[0, q_len:], b.input_ids[0, q_len:]) and torch.equal(
+            a.targets, b.targets
+        )

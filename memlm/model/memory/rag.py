@@ -156,15 +156,18 @@ class RAGReader(MemoryReader):
             from memlm.index import Retriever
 
             o = self.options
+            big = self.bank.count() >= 20_000  # a progress bar where encoding takes a while
             self._retriever = Retriever.build(
-                self.bank, load_encoder(o.encoder), kind=o.index, key=o.key, progress=True, **o.index_params
+                self.bank, load_encoder(o.encoder), kind=o.index, key=o.key, progress=big, **o.index_params
             )
         return self._retriever
 
     def refresh(self) -> int:
         return self.retriever.refresh()
 
-    def search(self, queries: Sequence[str], k: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    def search(
+        self, queries: Sequence[str], k: int | None = None
+    ) -> tuple[list[list[int]], list[list[float]]]:
         """Top-k entry ids (best first) and scores per query; -1 padding dropped."""
         if not queries:
             return [], []
@@ -244,7 +247,9 @@ class RAGReader(MemoryReader):
         rows, loss_from, query_len, used = [], [], [], []
         for text, query in zip(texts, queries):
             hits = self._train_hits[query]
-            entries = self._pick(hits, text[len(query) :]) if augment else self._entries(hits[: self.options.k])
+            entries = (
+                self._pick(hits, text[len(query) :]) if augment else self._entries(hits[: self.options.k])
+            )
             entry_texts = None
             if swap > 0:
                 text, entry_texts = self._swap(text, entries, rng, swap)
