@@ -83,6 +83,11 @@ def main() -> None:
     b.add_argument("--work", required=True)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--queries", type=int, default=1000)
+    b.add_argument("--edits", type=int, default=100)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--hnsw", default="32:80", help="M:efConstruction, comma-separated")
+    b.add_argument("--pq-m", type=int, default=48)
+    b.add_argument("--rerank", type=int, default=10, help="IVF-PQ candidates per result re-scored exactly")
     b.add_argument("--out", default="benchmarks/results/bank_real.json")
     args = ap.parse_args()
     import torch
@@ -94,8 +99,139 @@ def main() -> None:
         bench(args)
 
 
+def load_questions(facts: Path, ids: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """n (fact id, held-out question) pairs about random encoded entries (entry id = fact line index)."""
+    rng = np.random.default_rng(seed)
+    want = set(rng.choice(ids, 4 * n, replace=False).tolist())
+    pairs: dict[int, str] = {}
+    for name in ("unseen", "seen"):
+        with (facts.parent / "qa" / f"{name}.jsonl").open() as f:
+            for line in f:
+                r = json.loads(line)
+                if r["fact_id"] in want and r["fact_id"] not in pairs:
+                    pairs[r["fact_id"]] = r["question"]
+    keys = sorted(pairs)[: 4 * n]
+    pick = rng.permutation(len(keys))[:n]
+    return np.array([keys[i] for i in pick], np.int64), [pairs[keys[i]] for i in pick]
+
+
+def exact_topk(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
+    import torch
+
+    best_s = torch.full((len(q), k), -np.inf)
+    best_i = torch.full((len(q), k), -1, dtype=torch.int64)
+    qt, idt = torch.from_numpy(q), torch.from_numpy(ids)
+    for s in range(0, len(x), 200_000):
+        sc = qt @ torch.from_numpy(x[s : s + 200_000]).T
+        alls = torch.cat([best_s, sc], 1)
+        alli = torch.cat([best_i, idt[s : s + 200_000].expand(len(q), -1)], 1)
+        best_s, pos = alls.topk(k, dim=1)
+        best_i = alli.gather(1, pos)
+    return best_i.numpy()
+
+
 def bench(args) -> None:
-    raise SystemExit("bench: see below")
+    import faiss
+    import torch
+
+    from memlm.bank import VectorCache
+    from memlm.encode.minilm import MiniLMEncoder
+    from memlm.index import FaissIndex, Retriever
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bank import dir_bytes, percentiles, recall_at_10, timed_queries
+
+    faiss.omp_set_num_threads(args.threads)
+    work = Path(args.work)
+    bank = open_bank(Path(args.facts), work)
+    enc = MiniLMEncoder(threads=args.threads)
+    cache = VectorCache(bank, enc)
+    n = cache.count()
+    res: dict = {
+        "entries_in_bank": bank.count(), "entries_encoded": n, "threads": args.threads,
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "faiss": faiss.__version__, "torch": torch.__version__, "encoder": enc.fingerprint,
+        "encode_runs": [json.loads(s) for s in (work / "encode_runs.jsonl").read_text().splitlines()],
+    }  # fmt: skip
+    x = np.empty((n, enc.dim), np.float32)
+    ids = np.empty(n, np.int64)
+    i = 0
+    for bid, bvec, _ in cache.iter_all():
+        m = min(len(bid), n - i)
+        ids[i : i + m], x[i : i + m] = bid[:m], bvec[:m]
+        i += m
+    x, ids = x[:i], ids[:i]
+    qids, questions = load_questions(Path(args.facts), ids, args.queries, args.seed)
+    queries = enc.encode(questions)
+    gt = exact_topk(x, ids, queries)
+    res["query_fact_in_exact_top10"] = float(np.mean([q in g for q, g in zip(qids, gt)]))
+    print(json.dumps(res, indent=1), flush=True)
+    out = Path(args.out)
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+
+    nlist = 2 ** round(np.log2(4 * np.sqrt(len(x))))
+    configs = [
+        (f"HNSW{m}", {"ef_construction": efc}, [{"ef_search": e} for e in efs])
+        for m, efc, efs in [(int(s.split(":")[0]), int(s.split(":")[1]), (16, 24, 32, 48, 64, 96, 128))
+                            for s in args.hnsw.split(",")]
+    ] + [(f"IVF{nlist},PQ{args.pq_m}", {"rerank": args.rerank},
+          [{"nprobe": p} for p in (8, 16, 32, 64)])]  # fmt: skip
+    res["indexes"] = []
+    keep = None
+    for spec, build_params, settings in configs:
+        index = FaissIndex(dim=enc.dim, spec=spec, **build_params)
+        faiss.omp_set_num_threads(args.threads)
+        t = time.perf_counter()
+        index.add(ids, x, replace=False)
+        build = time.perf_counter() - t
+        index.save(work / "index-tmp")
+        size = dir_bytes(work / "index-tmp")
+        import shutil
+
+        shutil.rmtree(work / "index-tmp")
+        row = {"spec": spec, "build": build_params, "build_s": build, "index_bytes_per_entry": size / len(x),
+               "results": []}  # fmt: skip
+        for setting in settings:
+            index.set_search_params(**setting)
+            faiss.omp_set_num_threads(1)  # one query per core, as a server runs them
+            single, got = timed_queries(lambda q: index.search(q, 10), queries, 1)  # noqa: B023
+            r = {"setting": setting, "recall@10": recall_at_10(got, gt), "single": single}
+            row["results"].append(r)
+            print(spec, json.dumps(r), flush=True)
+        res["indexes"].append(row)
+        save()
+        if keep is None and spec.startswith("HNSW"):
+            keep = index
+        else:
+            del index
+
+    # edit latency on the HNSW index: update one entry, then the next search must return it
+    best = next((r["setting"] for r in res["indexes"][0]["results"] if r["recall@10"] >= 0.95),
+                res["indexes"][0]["results"][-1]["setting"])  # fmt: skip
+    keep.set_search_params(**best)
+    keep.meta = {"bank_version": bank.version, "fingerprint": enc.fingerprint, "kind": "faiss"}
+    retriever = Retriever(bank, enc, keep)
+    rng = np.random.default_rng(args.seed + 2)
+    lat, ok = [], 0
+    for j, eid in enumerate(rng.choice(ids, args.edits, replace=False).tolist()):
+        new = f"Edit {j}: this person now lives on the moon base Tranquility {j}."
+        t = time.perf_counter()
+        bank.update(eid, text=new)
+        hit = retriever.search_entries([new], k=1)[0]
+        lat.append(1e3 * (time.perf_counter() - t))
+        ok += bool(hit) and hit[0].entry.id == eid
+    res["edit"] = percentiles(lat) | {"visible_to_next_search": f"{ok}/{args.edits}", "index": res["indexes"][0]["spec"],
+                                      "setting": best}  # fmt: skip
+    shard = next(iter(keep.shards.values()))
+    t = time.perf_counter()
+    shard.remove(ids[: len(ids) // 4 + 1])  # past a quarter dead: the vectorised rebuild runs
+    res["hnsw_rebuild_after_quarter_deleted_s"] = time.perf_counter() - t
+    print("edit", json.dumps(res["edit"]), res["hnsw_rebuild_after_quarter_deleted_s"], flush=True)
+    save()
+    bank.close()
 
 
 if __name__ == "__main__":
