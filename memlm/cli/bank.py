@@ -157,18 +157,14 @@ def _show(args) -> None:
 
 def _search(args) -> None:
     from memlm.encode import load_encoder
-    from memlm.index import IndexFileError, Retriever
+    from memlm.index import Retriever
 
     with _open(args) as bank:
         encoder = load_encoder(args.encoder or bank.default_encoder)
-        name = f"{args.index}-{encoder.fingerprint.split(':')[0]}"
-        try:
-            retriever = Retriever.open(bank, encoder, name=name)
-        except IndexFileError:
-            retriever = Retriever.build(bank, encoder, kind=args.index, progress=sys.stderr.isatty())
+        retriever = Retriever.open_or_build(bank, encoder, kind=args.index, progress=sys.stderr.isatty())
         hits = retriever.search_entries(args.query, k=args.k, namespaces=args.namespace)
         if retriever.dirty:
-            retriever.save(name)  # keep the built/refreshed index for the next call
+            retriever.save(retriever.name)  # keep the refreshed index for the next call
     for q, row in zip(args.query, hits):
         if len(args.query) > 1:
             print(f"# {q}")

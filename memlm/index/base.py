@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -186,36 +185,3 @@ class ShardedIndex:
     @classmethod
     def _from_manifest(cls, manifest: dict) -> ShardedIndex:
         return cls(dim=manifest["dim"], **manifest["params"])
-
-
-def load_index(path: str | os.PathLike) -> ShardedIndex:
-    """Load any saved index folder (the manifest names its kind); corrupt files raise IndexFileError."""
-    from memlm.index import KINDS
-
-    path = Path(path)
-    mf = path / "manifest.json"
-    try:
-        manifest = json.loads(mf.read_text())
-        kind, fmt = manifest["kind"], manifest["format_version"]
-    except FileNotFoundError:
-        raise IndexFileError(f"{path}: not an index folder (no manifest.json)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise IndexFileError(f"{mf}: corrupt manifest ({e})") from None
-    if fmt > INDEX_FORMAT_VERSION:
-        raise IndexFileError(f"{mf}: written by a newer memlm (index format {fmt} > {INDEX_FORMAT_VERSION})")
-    if kind not in KINDS:
-        raise IndexFileError(f"{mf}: unknown index kind {kind!r} (known: {', '.join(KINDS)})")
-    index = KINDS[kind]._from_manifest(manifest)
-    index.meta = manifest.get("meta", {})
-    for ns, sub in manifest["shards"].items():
-        try:
-            index.shards[ns] = index._load_shard(path / sub)
-        except IndexFileError:
-            raise
-        except Exception as e:  # faiss/safetensors raise assorted types on a damaged file
-            raise IndexFileError(f"{path / sub}: corrupt index shard ({type(e).__name__}: {e})") from None
-    return index
-
-
-def remove_index(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Retriever: a bank, an encoder and a vector index kept in step with the bank's edits.
 
-The index records the bank version it reflects. ``refresh()`` (called before every search) reads the ids the
+The index records the bank version it reflects and is saved under ``<bank>/indexes/<name>/``
+(:meth:`Retriever.open_or_build`), so only the first search of a bank builds it. ``refresh()`` (called before every search) reads the ids the
 log says changed since then, re-encodes only those (the vector cache is keyed by content hash), removes
 them from the index and re-adds the ones that still exist. So an edit is visible to the next search, and a
 deleted entry can never be returned. A saved index whose encoder fingerprint differs is rebuilt.
@@ -19,7 +20,8 @@ from memlm.bank.entry import Entry
 from memlm.bank.store import MemoryBank
 from memlm.bank.vectors import VectorCache
 from memlm.encode.base import Encoder
-from memlm.index.base import IndexFileError, ShardedIndex, load_index
+from memlm.index.base import IndexFileError, ShardedIndex
+from memlm.index.kinds import KINDS, load_index
 
 # Past this fraction of the bank changed, re-adding everything is cheaper than incremental edits.
 _REBUILD_FRACTION = 0.3
@@ -35,6 +37,11 @@ def index_dir(bank: MemoryBank, name: str) -> Path:
     return bank.path / "indexes" / name
 
 
+def default_name(kind: str, encoder: Encoder) -> str:
+    """``<kind>-<encoder name>``: one saved index per kind and encoder family (the fingerprint is in its meta)."""
+    return f"{kind}-{encoder.fingerprint.split(':')[0]}"
+
+
 class Retriever:
     """Search a bank by text or vector. ``kind``: "exact" | "faiss" | "pk"; ``params`` go to the index class."""
 
@@ -42,14 +49,14 @@ class Retriever:
         self.bank, self.encoder, self.index = bank, encoder, index
         self.cache = VectorCache(bank, encoder)
         self.dirty = False  # the in-memory index differs from what is saved (save() to keep it)
+        self.name: str | None = None  # the saved index this one was opened from or saved as
+        self.rebuilds = 0  # full builds from the bank's vectors done by this object (refresh is incremental)
 
     @classmethod
     def build(
         cls, bank: MemoryBank, encoder: Encoder, *, kind: str = "exact", progress: bool = False, **params
     ) -> Retriever:
         """Encode what is missing and build the index from every entry's vector (the bank is the source)."""
-        from memlm.index import KINDS
-
         if kind not in KINDS:
             raise IndexFileError(f"unknown index kind {kind!r} (known: {', '.join(KINDS)})")
         index = KINDS[kind](dim=encoder.dim, **params)
@@ -77,6 +84,8 @@ class Retriever:
             "fingerprint": self.encoder.fingerprint,
             "kind": self.index.kind,
         }
+        self.dirty = True
+        self.rebuilds += 1
 
     @classmethod
     def open(cls, bank: MemoryBank, encoder: Encoder, *, name: str) -> Retriever:
@@ -89,12 +98,37 @@ class Retriever:
         else:
             self = cls(bank, encoder, index)
             self.refresh()
+        self.name = name
+        return self
+
+    @classmethod
+    def open_or_build(
+        cls,
+        bank: MemoryBank,
+        encoder: Encoder,
+        *,
+        kind: str = "exact",
+        name: str | None = None,
+        progress: bool = False,
+        **params,
+    ) -> Retriever:
+        """The index saved as ``name`` (default ``<kind>-<encoder name>``), refreshed from the edit log; built
+        and saved if there is none (or it is unreadable). What readers of a bank should call: only the first
+        call pays for a build. Call :meth:`save` after searches to keep the refreshed index (``dirty``)."""
+        name = name or default_name(kind, encoder)
+        try:
+            self = cls.open(bank, encoder, name=name)
+        except IndexFileError:
+            self = cls.build(bank, encoder, kind=kind, progress=progress, **params)
+            self.name = name
+        if self.dirty and not bank.readonly:
+            self.save(name)
         return self
 
     def save(self, name: str) -> Path:
         path = index_dir(self.bank, name)
         self.index.save(path)
-        self.dirty = False
+        self.dirty, self.name = False, name
         return path
 
     def refresh(self) -> int:
@@ -137,32 +171,3 @@ class Retriever:
              if int(i) in by_id and (allowed is None or by_id[int(i)].namespace in allowed)]
             for srow, irow in zip(scores, ids)
         ]  # fmt: skip
-
-
-def verify_indexes(bank: MemoryBank) -> list[str]:
-    """Each saved index loads, and if it claims to be current its ids equal the entries with vectors."""
-    problems: list[str] = []
-    root = bank.path / "indexes"
-    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
-        try:
-            index = load_index(path)
-        except IndexFileError as e:
-            problems.append(str(e))
-            continue
-        meta = index.meta
-        if meta.get("bank_version") != bank.version:
-            continue  # stale is fine: it is refreshed from the log on next use
-        expect = np.array(
-            [r[0] for r in bank.connection.execute(
-                "SELECT e.id FROM entries e JOIN vectors v ON v.entry_id=e.id "
-                "WHERE v.fingerprint=? AND v.content_hash=e.content_hash ORDER BY e.id", (meta.get("fingerprint"),))],
-            np.int64,
-        )  # fmt: skip
-        got = index.ids()
-        if not np.array_equal(got, expect):
-            extra = np.setdiff1d(got, expect)
-            problems.append(
-                f"{path}: index holds {len(got)} ids, bank has {len(expect)} current vectors"
-                + (f"; e.g. id {extra[0]} is not (or no longer) in the bank" if len(extra) else "")
-            )
-    return problems
