@@ -43,7 +43,10 @@ def register(subparsers) -> None:
 
     sp = cmd("delete", "delete entries", _delete)
     sp.add_argument("ids", type=int, nargs="+")
-    sp.add_argument("--purge", action="store_true", help="also erase their past content from the edit log")
+    sp.add_argument(
+        "--purge", action="store_true",
+        help="erase for good (right to be forgotten): history, rollback, vectors, indexes and every file byte",
+    )  # fmt: skip
 
     sp = cmd("show", "print entries as JSON", _show)
     sp.add_argument("ids", type=int, nargs="+")
@@ -72,6 +75,7 @@ def register(subparsers) -> None:
     sp.add_argument("version", type=int)
 
     cmd("verify", "check database, vectors and indexes against each other (exit 1 on problems)", _verify)
+    cmd("checkpoint", "finish an erasure a reader had blocked (exit 1 while still blocked)", _checkpoint)
     cmd("stats", "counts and sizes as JSON", _stats)
 
 
@@ -144,9 +148,18 @@ def _edit(args) -> None:
 
 
 def _delete(args) -> None:
+    if args.purge:
+        import memlm.index  # noqa: F401  (registers saved indexes, so purge rewrites them instead of deleting)
     with _open(args) as bank:
         n = bank.delete(args.ids, purge=args.purge)
-    print(f"deleted {n} entries")
+        pending = bank.erasure_pending
+    if not args.purge:
+        print(f"deleted {n} entries (reversible: history and rollback keep them; --purge erases for good)")
+    elif pending:
+        print(f"purged {n} entries; erasure pending: another process is reading {args.bank}, so the old text "
+              "stays in bank.sqlite-wal until that reader closes the bank (it then completes the erasure)")  # fmt: skip
+    else:
+        print(f"purged {n} entries: their text is gone from every file of {args.bank}")
 
 
 def _show(args) -> None:
@@ -198,7 +211,16 @@ def _rollback(args) -> None:
         print(f"rolled back to version {args.version}: {n} entries changed (now version {bank.version})")
 
 
+def _checkpoint(args) -> int:
+    with _open(args) as bank:
+        done = bank.finish_erasure(wait_s=5.0)
+    print("no erasure pending" if done else "still blocked by a reader; run again when it has finished")
+    return 0 if done else 1
+
+
 def _verify(args) -> int:
+    import memlm.index  # noqa: F401  (registers the saved-index checks)
+
     with _open(args, readonly=True) as bank:
         problems = bank.verify(progress=sys.stderr.isatty())
     for p in problems:
