@@ -115,3 +115,23 @@ def test_second_search_reuses_the_saved_index(tmp_path, capsys, monkeypatch):
     main(["bank", "search", b, "Kyoto said nobody", "-k", "1", "--index", "faiss"])
     assert "Kyoto" in capsys.readouterr().out  # the edit reached the saved index through the log
     assert len(builds) == 1
+
+
+def test_refused_imports_leave_no_trace(tmp_path, capsys):
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n\n")
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    b = str(tmp_path / "bank")
+    main(["bank", "create", b])
+    assert main(["bank", "import", b, str(empty)]) == 2
+    assert "empty.jsonl: no entries" in capsys.readouterr().err
+    from memlm.bank import MemoryBank
+
+    with MemoryBank.open(b) as bank:
+        assert bank.version == 0  # the refused import did not bump the version
+    for folder in (tmp_path / "new", tmp_path / "new2"):
+        if folder.name == "new2":
+            folder.mkdir()  # an empty folder given by the user stays, empty
+        assert main(["bank", "import", str(folder), str(bad), "--create"]) == 2
+        assert "bad.jsonl:2: field 'text'" in capsys.readouterr().err
+        assert folder.exists() == (folder.name == "new2") and not any(folder.glob("*"))

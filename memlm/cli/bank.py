@@ -114,15 +114,28 @@ def _create(args) -> None:
 
 
 def _import(args) -> None:
+    import shutil
     from pathlib import Path
 
     from memlm.bank import MemoryBank
 
-    if args.create and not (Path(args.bank) / "bank.sqlite").exists():
-        MemoryBank.create(args.bank).close()
-    with _open(args) as bank:
-        ids = bank.import_jsonl(args.file, namespace=args.namespace, progress=sys.stderr.isatty())
-        print(f"imported {len(ids)} entries into {args.bank} (version {bank.version})")
+    path = Path(args.bank)
+    create = args.create and not (path / "bank.sqlite").exists()
+    existed = path.exists()
+    if create:
+        MemoryBank.create(path).close()
+    try:
+        with _open(args) as bank:
+            ids = bank.import_jsonl(args.file, namespace=args.namespace, progress=sys.stderr.isatty())
+            print(f"imported {len(ids)} entries into {args.bank} (version {bank.version})")
+    except BaseException:
+        if create:  # a refused import leaves no trace: not even the empty bank it was to fill
+            if existed:
+                for child in path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _export(args) -> None:
