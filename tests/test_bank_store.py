@@ -205,3 +205,30 @@ def test_vector_cache_reencodes_only_changes_and_scrubs_deleted(bank):
     with pytest.raises(InputError, match=f"no up-to-date vector for entry {ids[9]}"):
         cache.get([ids[9]])
     assert bank.verify() == []
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ({"subject": "A", "relation": "r", "object": "o", "text": "A r o.", "subjet": "typo"}, "subjet"),
+        ({"subject": " ", "relation": "r", "object": "o", "text": "t"}, "subject"),
+        ({"subject": "A", "relation": 3, "object": "o", "text": "t"}, "relation"),
+    ],
+)
+def test_facts_and_bank_import_apply_the_same_rules(tmp_path, line, field):
+    """One validator: what memlm.data refuses in a facts file, the bank import refuses with the same error."""
+    from memlm.data.facts import iter_facts
+    from memlm.errors import InputError
+
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"subject": "B", "relation": "r", "object": "o", "text": "B r o."}) + "\n"
+                    + json.dumps(line) + "\n")  # fmt: skip
+    errors = []
+    for read in (
+        lambda: list(iter_facts(path)),
+        lambda: MemoryBank.create(tmp_path / "b").import_jsonl(path),
+    ):
+        with pytest.raises(InputError) as info:
+            read()
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{path}:2: field '{field}'")
