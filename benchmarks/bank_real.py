@@ -192,7 +192,9 @@ def bench(args) -> None:
         import shutil
 
         shutil.rmtree(work / "index-tmp")
-        row = {"spec": spec, "build": build_params, "build_s": build, "index_bytes_per_entry": size / len(x),
+        built = sorted({sh.built_spec for sh in index.shards.values()})
+        row = {"spec": spec, "built_spec": built, "build": build_params, "build_s": build,
+               "index_bytes_per_entry": size / len(x),
                "results": []}  # fmt: skip
         for setting in settings:
             index.set_search_params(**setting)
