@@ -81,3 +81,21 @@ def test_plain_delete_stays_reversible_and_says_so(tmp_path, capsys):
     main(["bank", "delete", b, "0", "--purge"])
     assert "gone from every file" in capsys.readouterr().out
     assert _files_containing(tmp_path / "b", SECRET.encode()) == []
+
+
+def test_purge_removes_derived_stores_it_cannot_rewrite(tmp_path):
+    """A store of a kind no loaded code knows, or a damaged one, is deleted (derived: rebuilt on next use)."""
+    bank = MemoryBank.create(tmp_path / "b")
+    sid = bank.add(text=SECRET)
+    Retriever.build(bank, HashingEncoder(dim=16), kind="exact").save("broken")
+    (bank.path / "indexes" / "broken" / "shard0000" / "exact.safetensors").write_bytes(
+        b"garbage " + SECRET.encode()
+    )
+    alien = bank.path / "derived" / "alien"
+    alien.mkdir(parents=True)
+    (alien / "manifest.json").write_text('{"kind": "not-loaded-here"}')
+    (alien / "data.bin").write_bytes(SECRET.encode())
+    bank.delete(sid, purge=True)
+    assert not (bank.path / "indexes" / "broken").exists() and not alien.exists()
+    assert _files_containing(bank.path, SECRET.encode()) == []
+    bank.close()

@@ -60,12 +60,16 @@ def drop_entries(bank_path: Path, ids: np.ndarray) -> list[str]:
     done = []
     for folder, kind in stores(bank_path):
         handler = _HANDLERS.get(kind)
-        if handler is None:
-            shutil.rmtree(folder)
-            done.append(f"{folder}: removed (kind {kind!r} not loaded; rebuilt on next use)")
+        if handler is not None:
+            try:
+                handler.drop(folder, ids)
+                done.append(f"{folder}: rewritten without {len(ids)} entries")
+                continue
+            except Exception as e:  # a damaged store must not keep purged data: drop it whole instead
+                done.append(f"{folder}: unreadable ({type(e).__name__}: {e}); removed")
         else:
-            handler.drop(folder, ids)
-            done.append(f"{folder}: rewritten without {len(ids)} entries")
+            done.append(f"{folder}: removed (kind {kind!r} not loaded; rebuilt on next use)")
+        shutil.rmtree(folder)
     return done
 
 
