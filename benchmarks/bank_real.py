@@ -172,7 +172,8 @@ def bench(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
 
-    nlist = 2 ** round(np.log2(4 * np.sqrt(len(x))))
+    # ~4 sqrt(n) lists, but never more than FAISS can train from n vectors (39 per centroid)
+    nlist = 2 ** int(np.log2(min(4 * np.sqrt(len(x)), len(x) / 39)))
     configs = [
         (f"HNSW{m}", {"ef_construction": efc}, [{"ef_search": e} for e in efs])
         for m, efc, efs in [(int(s.split(":")[0]), int(s.split(":")[1]), (16, 24, 32, 48, 64, 96, 128))
