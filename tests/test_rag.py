@@ -165,3 +165,30 @@ def test_bank_errors(bios, bank_dir, tokenizer, tmp_path):
     dense.save_pretrained(tmp_path / "dense", tokenizer=tokenizer)
     with pytest.raises(BankError, match="no memory that reads a bank"):
         Generator.from_pretrained(tmp_path / "dense", bank=bank_dir)
+
+
+def test_about_key_searches_what_an_entry_is_about(tmp_path):
+    from memlm.encode import HashingEncoder
+    from memlm.index import Retriever
+
+    with MemoryBank.create(tmp_path / "b") as bank:
+        ids = bank.add_many([
+            {"subject": "Ada Byron", "relation": "birth_city", "object": "London", "text": "Ada Byron was born in London."},
+            {"subject": "Ada Byron", "relation": "employer", "object": "Born Labs", "text": "Ada Byron works for Born Labs."},
+            {"text": "A note without a triple about Ada Byron."},
+        ])  # fmt: skip
+        enc = HashingEncoder(dim=256)
+        by_text = Retriever.build(bank, enc, key="text")
+        about = Retriever.build(bank, enc, key="about")
+        assert about.cache.fingerprint != by_text.cache.fingerprint  # the key is part of what vectors mean
+        # The object's words pull a text search to the wrong fact; "subject relation" does not contain them.
+        q = ["Ada Byron employer: where was she born?"]
+        assert about.search(q, 1)[1][0, 0] == ids[1] and by_text.search(q, 1)[1][0, 0] == ids[0]
+        before = about.cache.get([ids[0]])
+        bank.update(ids[0], object="Paris")  # a new value does not move the entry in an "about" index
+        about.refresh()
+        torch.testing.assert_close(torch.from_numpy(about.cache.get([ids[0]])), torch.from_numpy(before))
+        torch.testing.assert_close(
+            torch.from_numpy(about.cache.get([ids[2]])),
+            torch.from_numpy(by_text.cache.get([ids[2]])),
+        )  # no triple: the text is the key

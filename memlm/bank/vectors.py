@@ -29,6 +29,18 @@ if TYPE_CHECKING:
     from memlm.encode.base import Encoder
 
 
+# What of an entry is encoded, as an SQL expression over the entries table (alias e):
+# - text: the human-readable text (what a reader would search with words of the answer);
+# - about: what the entry is about — "subject relation" for a triple ("Ada L. Byron birth city"), the text
+#   otherwise. A question names its subject and relation but not the answer, so the object in a key only adds
+#   noise: on bios, MiniLM's top-1 on held-out questions is 0.65 by text and 0.97 by "about".
+KEYS = {
+    "text": "e.text",
+    "about": "CASE WHEN e.subject IS NOT NULL AND e.relation IS NOT NULL "
+    "THEN e.subject || ' ' || replace(e.relation, '_', ' ') ELSE e.text END",
+}
+
+
 def _files(bank_path: Path, fingerprint: str) -> tuple[Path, Path]:
     slug = hashlib.sha1(fingerprint.encode()).hexdigest()[:16]
     d = bank_path / "vectors"
@@ -64,9 +76,13 @@ class VectorCache:
     >>> cache.get([3, 5]).shape                                              # (2, 64) float32
     """
 
-    def __init__(self, bank: MemoryBank, encoder: Encoder) -> None:
-        self.bank, self.encoder = bank, encoder
-        self.fingerprint, self.dim = encoder.fingerprint, int(encoder.dim)
+    def __init__(self, bank: MemoryBank, encoder: Encoder, *, key: str = "text") -> None:
+        if key not in KEYS:
+            raise InputError(f"unknown vector key {key!r} (known: {', '.join(KEYS)})", field="key")
+        self.bank, self.encoder, self.key = bank, encoder, key
+        # The key is part of what the vectors are a function of, so it is part of their fingerprint.
+        fp = encoder.fingerprint if key == "text" else f"{encoder.fingerprint}|key={key}"
+        self.fingerprint, self.dim = fp, int(encoder.dim)
         self.data_path, meta_path = _files(bank.path, self.fingerprint)
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
@@ -166,7 +182,7 @@ class VectorCache:
             pages = []
             for c in range(0, len(ids), 900):
                 part = ids[c : c + 900]
-                q = f"SELECT e.id, e.text, e.content_hash {join} WHERE e.id IN ({','.join('?' * len(part))}) AND {stale}"
+                q = f"SELECT e.id, {KEYS[self.key]}, e.content_hash {join} WHERE e.id IN ({','.join('?' * len(part))}) AND {stale}"
                 pages.append(con.execute(q, [self.fingerprint, *part]).fetchall())
             for page in pages:
                 if page:
@@ -182,7 +198,8 @@ class VectorCache:
         while True:
             # keyset pages: each page is a fresh query, so no read cursor stays open across our commits.
             page = con.execute(
-                f"SELECT e.id, e.text, e.content_hash {join} WHERE e.id > ? AND {stale} ORDER BY e.id LIMIT ?",
+                f"SELECT e.id, {KEYS[self.key]}, e.content_hash {join} WHERE e.id > ? AND {stale} "
+                "ORDER BY e.id LIMIT ?",
                 (self.fingerprint, last, batch_size),
             ).fetchall()
             if not page:

@@ -45,22 +45,31 @@ def default_name(kind: str, encoder: Encoder) -> str:
 class Retriever:
     """Search a bank by text or vector. ``kind``: "exact" | "faiss" | "pk"; ``params`` go to the index class."""
 
-    def __init__(self, bank: MemoryBank, encoder: Encoder, index: ShardedIndex) -> None:
+    def __init__(self, bank: MemoryBank, encoder: Encoder, index: ShardedIndex, *, key: str = "text") -> None:
         self.bank, self.encoder, self.index = bank, encoder, index
-        self.cache = VectorCache(bank, encoder)
+        self.cache = VectorCache(
+            bank, encoder, key=key
+        )  # key: what of an entry is encoded (bank.vectors.KEYS)
         self.dirty = False  # the in-memory index differs from what is saved (save() to keep it)
         self.name: str | None = None  # the saved index this one was opened from or saved as
         self.rebuilds = 0  # full builds from the bank's vectors done by this object (refresh is incremental)
 
     @classmethod
     def build(
-        cls, bank: MemoryBank, encoder: Encoder, *, kind: str = "exact", progress: bool = False, **params
+        cls,
+        bank: MemoryBank,
+        encoder: Encoder,
+        *,
+        kind: str = "exact",
+        key: str = "text",
+        progress: bool = False,
+        **params,
     ) -> Retriever:
         """Encode what is missing and build the index from every entry's vector (the bank is the source)."""
         if kind not in KINDS:
             raise IndexFileError(f"unknown index kind {kind!r} (known: {', '.join(KINDS)})")
         index = KINDS[kind](dim=encoder.dim, **params)
-        self = cls(bank, encoder, index)
+        self = cls(bank, encoder, index, key=key)
         self._rebuild(progress=progress)
         return self
 
@@ -81,22 +90,22 @@ class Retriever:
         self.index.add(ids[:i], vecs[:i], namespaces, replace=False)
         self.index.meta = {
             "bank_version": version,
-            "fingerprint": self.encoder.fingerprint,
+            "fingerprint": self.cache.fingerprint,
             "kind": self.index.kind,
         }
         self.dirty = True
         self.rebuilds += 1
 
     @classmethod
-    def open(cls, bank: MemoryBank, encoder: Encoder, *, name: str) -> Retriever:
+    def open(cls, bank: MemoryBank, encoder: Encoder, *, name: str, key: str = "text") -> Retriever:
         """Load the index saved as ``name`` in the bank folder and bring it up to date."""
         index = load_index(index_dir(bank, name))
-        if index.meta.get("fingerprint") != encoder.fingerprint or index.dim != encoder.dim:
-            # vectors from another encoder/checkpoint are invalid here: same kind and settings, rebuilt
-            self = cls(bank, encoder, type(index)(dim=encoder.dim, **index.params))
+        self = cls(bank, encoder, index, key=key)
+        if index.meta.get("fingerprint") != self.cache.fingerprint or index.dim != encoder.dim:
+            # vectors from another encoder/checkpoint/key are invalid here: same kind and settings, rebuilt
+            self = cls(bank, encoder, type(index)(dim=encoder.dim, **index.params), key=key)
             self._rebuild()
         else:
-            self = cls(bank, encoder, index)
             self.refresh()
         self.name = name
         return self
