@@ -37,9 +37,10 @@ def index_dir(bank: MemoryBank, name: str) -> Path:
     return bank.path / "indexes" / name
 
 
-def default_name(kind: str, encoder: Encoder) -> str:
-    """``<kind>-<encoder name>``: one saved index per kind and encoder family (the fingerprint is in its meta)."""
-    return f"{kind}-{encoder.fingerprint.split(':')[0]}"
+def default_name(kind: str, encoder: Encoder, key: str = "text") -> str:
+    """``<kind>-<encoder name>[-<key>]``: one saved index per kind, encoder family and vector key (the exact
+    fingerprint is in its meta, and a saved index of another fingerprint is rebuilt on open)."""
+    return f"{kind}-{encoder.fingerprint.split(':')[0]}" + ("" if key == "text" else f"-{key}")
 
 
 class Retriever:
@@ -117,18 +118,20 @@ class Retriever:
         encoder: Encoder,
         *,
         kind: str = "exact",
+        key: str = "text",
         name: str | None = None,
         progress: bool = False,
         **params,
     ) -> Retriever:
-        """The index saved as ``name`` (default ``<kind>-<encoder name>``), refreshed from the edit log; built
-        and saved if there is none (or it is unreadable). What readers of a bank should call: only the first
-        call pays for a build. Call :meth:`save` after searches to keep the refreshed index (``dirty``)."""
-        name = name or default_name(kind, encoder)
+        """The index saved as ``name`` (default :func:`default_name`), refreshed from the edit log; built and
+        saved if there is none (or it is unreadable). What readers of a bank should call: only the first call
+        pays for a build. A saved index keeps the settings it was built with (``params`` apply to a build);
+        call :meth:`save` after searches to keep the refreshed index (``dirty``)."""
+        name = name or default_name(kind, encoder, key)
         try:
-            self = cls.open(bank, encoder, name=name)
+            self = cls.open(bank, encoder, name=name, key=key)
         except IndexFileError:
-            self = cls.build(bank, encoder, kind=kind, progress=progress, **params)
+            self = cls.build(bank, encoder, kind=kind, key=key, progress=progress, **params)
             self.name = name
         if self.dirty and not bank.readonly:
             self.save(name)
