@@ -4,7 +4,9 @@ Flat and PQ are wrapped in ``IndexIDMap2``, so faiss labels are bank ids and ``r
 store the ids in their inverted lists natively (same labels, and removal without IDMap2's hash-map rebuild).
 HNSW graphs cannot remove nodes in FAISS, so an HNSW shard keeps a slot -> id array and tombstones: a removed
 slot is excluded at search time with an ``IDSelector`` (never returned), and the shard is rebuilt from its
-live vectors when tombstones pass a quarter of it.
+live vectors (one bulk ``reconstruct_n`` copy) when tombstones pass a quarter of it, or on purge (``compact``).
+IVF-PQ with ``rerank`` labels its codes with slots too, and keeps the full vectors by slot to re-score the
+``rerank * k`` candidates of each query exactly.
 
 Defaults by shard size (``spec="auto"``, decided at a shard's first add):
   n < 50k   -> "Flat"                      exact; 50k x 384-d is ~2 ms per query
