@@ -166,11 +166,12 @@ def bench(args) -> None:
     enc = MiniLMEncoder(threads=args.threads)
     cache = VectorCache(bank, enc)
     n = cache.count()
+    runs = work / "encode_runs.jsonl"
     res: dict = {
         "entries_in_bank": bank.count(), "entries_encoded": n, "threads": args.threads,
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "faiss": faiss.__version__, "torch": torch.__version__, "encoder": enc.fingerprint,
-        "encode_runs": [json.loads(s) for s in (work / "encode_runs.jsonl").read_text().splitlines()],
+        "encode_runs": [json.loads(s) for s in runs.read_text().splitlines()] if runs.exists() else [],
     }  # fmt: skip
     x = np.empty((n, enc.dim), np.float32)
     ids = np.empty(n, np.int64)
