@@ -52,19 +52,22 @@ def encode(args) -> None:
     t = time.perf_counter()
     step = args.page
     start = 0
+    log = Path(args.work) / "encode_runs.jsonl"
+    run = {"started": time.time(), "entries": n, "runtime": enc.runtime, "threads": args.threads}
     # pages of ids in order: each page commits, so a stop (deadline or kill) keeps everything before it
     while start < n and time.monotonic() < deadline:
         ids = list(range(start, min(start + step, n)))
         cache.sync(ids, batch_size=step)
         start += step
         done = cache.count()
-        rate = (done - done0) / (time.perf_counter() - t)
-        print(f"encoded {done}/{n} ({rate:.0f} entries/s this run, runtime {enc.runtime})", flush=True)
-    log = Path(args.work) / "encode_runs.jsonl"
-    with log.open("a") as f:
-        f.write(json.dumps({"time": time.time(), "encoded": cache.count(), "entries": n,
-                            "this_run": cache.count() - done0, "seconds": time.perf_counter() - t,
-                            "runtime": enc.runtime, "threads": args.threads}) + "\n")  # fmt: skip
+        secs = time.perf_counter() - t
+        print(
+            f"encoded {done}/{n} ({(done - done0) / secs:.0f} entries/s this run, runtime {enc.runtime})",
+            flush=True,
+        )
+        # one line per page (the last one of a run is its summary), so even a killed run leaves its record
+        with log.open("a") as f:
+            f.write(json.dumps(run | {"encoded": done, "this_run": done - done0, "seconds": secs}) + "\n")
     bank.close()
 
 
