@@ -70,6 +70,12 @@ def merge_topk(
     """Combine per-shard (scores, ids) into the global top-k, padded with (-inf, -1)."""
     if not parts:
         return np.full((batch, k), -np.inf, np.float32), np.full((batch, k), -1, np.int64)
+    if len(parts) == 1 and parts[0][1].shape[1] == k:
+        # one shard (the common case): its rows are already sorted best first, so only mark the padding
+        scores, ids = parts[0]
+        return np.where(ids < 0, -np.inf, scores).astype(np.float32, copy=False), ids.astype(
+            np.int64, copy=False
+        )
     scores = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)

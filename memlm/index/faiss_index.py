@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,13 @@ from memlm.index.base import IndexFileError, ShardedIndex
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise IndexFileError("FAISS indexes need: pip install faiss-cpu") from None
+    # sys.modules lookup, not a try/import per call: this runs on every query (the 1 ms budget)
+    faiss = sys.modules.get("faiss")
+    if faiss is None:
+        try:
+            import faiss
+        except ImportError:
+            raise IndexFileError("FAISS indexes need: pip install faiss-cpu") from None
     return faiss
 
 
@@ -92,6 +96,9 @@ class FaissShard:
         self._slot_ids = np.zeros(0, np.int64)  # slot -> bank id
         self._alive = np.zeros(0, bool)
         self._full = np.zeros((0, dim), np.float32)  # reranked only: slot -> full vector
+        # HNSW search parameters with the tombstone selector, built once per change of the dead set, not per
+        # query (finding the dead slots is O(N): ~1 ms at 1M entries)
+        self._params: tuple | None = None
 
     @property
     def slotted(self) -> bool:
@@ -133,6 +140,7 @@ class FaissShard:
     def _apply_params(self) -> None:
         faiss = _faiss()
         ps = faiss.ParameterSpace()
+        self._params = None
         if "IVF" in self.built_spec:
             ps.set_index_parameter(self.index, "nprobe", self.nprobe)
         if self.hnsw:
@@ -169,6 +177,8 @@ class FaissShard:
             return int(self.index.remove_ids(_faiss().IDSelectorBatch(ids)))
         hit = np.flatnonzero(np.isin(self._slot_ids[: self._n], ids) & self._alive[: self._n])
         self._alive[hit] = False
+        if len(hit):
+            self._params = None
         if self.reranked and len(hit):
             self.index.remove_ids(_faiss().IDSelectorBatch(hit))
             self._full[hit] = 0  # the vector leaves memory (and the next save) with the entry
@@ -186,7 +196,7 @@ class FaissShard:
             self.index.reconstruct_n(0, self._n)[live] if len(live) else np.zeros((0, self.dim), np.float32)
         )
         ids = self._slot_ids[live]
-        self.index, self._n = None, 0
+        self.index, self._n, self._params = None, 0, None
         self._slot_ids, self._alive = np.zeros(0, np.int64), np.zeros(0, bool)
         if len(ids):
             self.add(ids, vecs)
@@ -205,18 +215,20 @@ class FaissShard:
             top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
             scores, slots = np.take_along_axis(exact, top, 1), np.take_along_axis(slots, top, 1)
         else:
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = max(self.ef_search, k)
-            dead = np.flatnonzero(~self._alive[: self._n]).astype(np.int64)
-            if len(dead):
-                # keep the selector objects referenced until search returns (SWIG does not own them)
-                batch = faiss.IDSelectorBatch(dead)
-                params.sel = sel = faiss.IDSelectorNot(batch)
-            scores, slots = self.index.search(queries, k, params=params)
-            if len(dead):
-                del sel, batch
+            if self._params is None or self._params[0] != k:
+                params = faiss.SearchParametersHNSW()
+                params.efSearch = max(self.ef_search, k)
+                dead = np.flatnonzero(~self._alive[: self._n]).astype(np.int64)
+                refs = ()
+                if len(dead):
+                    # the selectors stay referenced with the params (SWIG does not own them)
+                    refs = (faiss.IDSelectorBatch(dead),)
+                    refs += (faiss.IDSelectorNot(refs[0]),)
+                    params.sel = refs[1]
+                self._params = (k, params, refs)
+            scores, slots = self.index.search(queries, k, params=self._params[1])
         ids = np.where(slots >= 0, self._slot_ids[np.maximum(slots, 0)], -1)
-        return scores.astype(np.float32), ids
+        return scores, ids
 
     def ids(self) -> np.ndarray:
         if self.index is None:
