@@ -202,7 +202,7 @@ def bench(args) -> None:
         for m, efc, efs in [(int(s.split(":")[0]), int(s.split(":")[1]), (16, 24, 32, 48, 64, 96, 128))
                             for s in args.hnsw.split(",")]
     ] + [(f"IVF{nlist},PQ{args.pq_m}", {"rerank": args.rerank},
-          [{"nprobe": p} for p in (8, 16, 32, 64)])]  # fmt: skip
+          [{"nprobe": p} for p in (8, 16, 32, 64, 128)])]  # fmt: skip
     res["indexes"] = []
     keep = None
     for spec, build_params, settings in configs:

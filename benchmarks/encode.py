@@ -147,6 +147,12 @@ def main() -> None:
                        "min_cosine_to_st_torch": float((vecs[k] * ref).sum(1).min())}
                    for k, v in rates.items()},
     }  # fmt: skip
+    # per round: memlm-onnx over the fastest sentence-transformers setup of that same round (the load on a
+    # shared machine changes between rounds, much less within one)
+    if worker:
+        per_round = [rates["memlm-onnx"][r] / max(rates[k][r] for k in ST_SETUPS) for r in range(args.rounds)]
+        res["memlm_onnx_over_best_st_per_round"] = per_round
+        res["memlm_onnx_over_best_st_per_round_median"] = float(np.median(per_round))
     best_st = max((k for k in res["setups"] if k.startswith("st-")), default=None,
                   key=lambda k: res["setups"][k]["entries_per_s_median"])  # fmt: skip
     if best_st:
