@@ -197,3 +197,18 @@ def test_product_keys_follow_a_growing_bank():
     for s in range(0, len(x), 1000):
         grown.add(ids[s : s + 1000], clustered(len(ids[s : s + 1000]), seed=9 + s))
     assert g.learned_on == len(x) and before != g.learned_on and len(grown) == len(x)
+
+
+def test_retriever_rebuilds_an_index_the_bank_has_outgrown(tmp_path):
+    """An IVF index first built on a bank too small to train it (so Flat) becomes IVF once the bank has grown."""
+    bank = MemoryBank.create(tmp_path / "b")
+    bank.add_many(
+        {"text": f"Person {i} lives in town {i % 13} and works at firm {i % 7}."} for i in range(10)
+    )
+    r = Retriever.build(bank, HashingEncoder(dim=D), kind="faiss", spec="IVF16,Flat", nprobe=16)
+    assert r.index.shards["default"].built_spec == "Flat" and r.rebuilds == 1
+    for step in range(25):  # small edits: none of them alone is worth a rebuild
+        bank.add_many({"text": f"Person {step}-{i} lives in town {i % 13}."} for i in range(100))
+        r.search(["Person 3 lives in town 3"], k=3)
+    assert r.rebuilds == 2 and r.index.meta["built_on"] >= 1021
+    assert r.index.shards["default"].built_spec == "IVF16,Flat" and len(r.index) == bank.count()

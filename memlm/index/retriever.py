@@ -25,6 +25,11 @@ from memlm.index.kinds import KINDS, load_index
 
 # Past this fraction of the bank changed, re-adding everything is cheaper than incremental edits.
 _REBUILD_FRACTION = 0.3
+# Grown past this factor since its build (plus _GROWTH_SLACK entries), an index is rebuilt from the bank: what
+# it learned at its build (IVF centroids, PQ codebooks, or no training at all when the bank was too small for
+# it, so "Flat") describes a bank it no longer is. O(N) after O(N) adds: O(1) per add, amortised.
+_GROWTH = 2.0
+_GROWTH_SLACK = 1000
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class Retriever:
             "bank_version": version,
             "fingerprint": self.cache.fingerprint,
             "kind": self.index.kind,
+            "built_on": i,  # entries at this build (see _GROWTH)
         }
         self.dirty = True
         self.rebuilds += 1
@@ -159,6 +165,9 @@ class Retriever:
         self.index.add(ids, vecs, namespaces, replace=False)
         self.index.meta["bank_version"] = version
         self.dirty = True
+        built_on = self.index.meta.setdefault("built_on", len(self.index))
+        if len(self.index) > _GROWTH * built_on + _GROWTH_SLACK:
+            self._rebuild()
         return len(changed)
 
     def search(
