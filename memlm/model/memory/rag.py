@@ -157,7 +157,9 @@ class RAGReader(MemoryReader):
 
             o = self.options
             big = self.bank.count() >= 20_000  # a progress bar where encoding takes a while
-            self._retriever = Retriever.build(
+            # The index saved in the bank (refreshed from its edit log) when there is one: only the first
+            # reader of a bank pays for the build.
+            self._retriever = Retriever.open_or_build(
                 self.bank, load_encoder(o.encoder), kind=o.index, key=o.key, progress=big, **o.index_params
             )
         return self._retriever
