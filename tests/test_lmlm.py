@@ -21,7 +21,8 @@ from memlm.model.memory.lmlm import decode_regenerating, scheduled_calls
 from memlm.model.memory.reader import PromptBatch
 from memlm.tokenizer import DB_END, DB_ENTITY, DB_RELATIONSHIP, DB_RETURN, Tokenizer
 
-OPTIONS = {"encoder": "hashing:256", "threshold": 0.5, "unknown_prob": 0.0}
+# lookup_steps 0: decodes run exactly max_new_tokens steps, as the token-by-token comparisons below assume
+OPTIONS = {"encoder": "hashing:256", "threshold": 0.5, "unknown_prob": 0.0, "lookup_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,14 @@ def test_unknown_lookups_in_training(bank, tokenizer, docs):
     assert tokenizer.decode(a.input_ids[1].tolist(), skip_special_tokens=False).startswith("<|bos|>" + bio)
 
 
+def test_the_experiment_runner_picks_the_annotated_corpora():
+    from memlm.experiment import _suffix
+    from memlm.model.memory import get_memory_design
+
+    assert get_memory_design("lmlm").annotation == "lmlm" and _suffix("lmlm") == "_lmlm"
+    assert _suffix("rag") == ""
+
+
 def test_plain_text_is_refused(bank, tokenizer):
     reader = load_reader(None, lmlm_model(), tokenizer, bank=bank)
     with pytest.raises(ConfigError, match="annotated with lookups"):
@@ -247,6 +256,25 @@ def test_batched_rows_pausing_at_different_steps_equal_one_row_at_a_time(bios, b
         assert [e["step"] for e in one.trace] == [e["step"] for e in together[row].trace]
         assert len(one.trace) == len(plan[row])
     assert len({e["step"] for o in together for e in o.trace}) >= 3  # the rows paused at different steps
+
+
+def test_lookups_do_not_eat_the_answers_text_budget(bios, bank, tokenizer):
+    """max_new_tokens counts answer text: a lookup's tokens get extra steps, a row without one gets none."""
+    name, facts = person(bios)
+    prompts = [f"Q: Which company employs {name}?\nA:", "Hello there"]
+    outs = {}
+    for steps in (0, 40):
+        model = lmlm_model(lookup_steps=steps)
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        assert reader.decode_steps(6) == 6 + steps
+        gen = Generator(model, tokenizer, reader=reader, hook_factory=script(tokenizer, {0: [(0, name, "employer")]}))  # fmt: skip
+        outs[steps] = gen.generate(prompts, max_new_tokens=6)
+    cut, full = outs[0][0], outs[40][0]
+    assert len(cut.token_ids) == 6 and DB_END not in cut.text  # the call ate the budget: its value is cut
+    assert full.text.startswith(f"{DB_ENTITY} {name}{DB_RELATIONSHIP} employer{DB_RETURN} {facts['employer']}{DB_END}")  # fmt: skip
+    for row in (full, outs[40][1]):  # both rows stop at 6 text tokens, whatever their lookups took
+        assert row.finish_reason == "stop" or reader.text_tokens(row.token_ids) == 6
+    assert len(full.token_ids) > 6 and outs[40][1].token_ids[:6] == outs[0][1].token_ids[:6]
 
 
 def test_regenerating_from_scratch_gives_the_same_tokens(bios, bank, tokenizer):

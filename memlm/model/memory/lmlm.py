@@ -55,6 +55,7 @@ class LMLMOptions:
     unknown: str = "unknown"  # the value of a fact the bank does not hold (trained on: unknown_prob)
     unknown_prob: float = 0.1  # training: share of one-call documents rewritten to ask about an absent name
     max_call_tokens: int = 64  # a longer call (a runaway entity or relation) is answered unknown
+    lookup_steps: int = 32  # decoding steps beyond max_new_tokens for lookups (they are not answer text)
     relation: str = "written"  # written: as the model wrote it | context: what its sentence asks for
     written_weight: float = 0.5  # context: weight of the written relation against the sentence
     context_words: int = 3  # context: a call's sentence is its last clause, extended to this many words
@@ -73,6 +74,8 @@ class LMLMOptions:
             )
         if self.relation == "context" and not self.encoder:
             raise ConfigError("model.memory_options.relation=context needs an encoder (e.g. minilm)")
+        if self.lookup_steps < 0:
+            raise ConfigError(f"model.memory_options.lookup_steps must be >= 0, got {self.lookup_steps}")
         if self.max_call_tokens < 4:
             raise ConfigError(
                 f"model.memory_options.max_call_tokens must be >= 4, got {self.max_call_tokens}"
@@ -83,6 +86,7 @@ class LMLMOptions:
 class LMLM(MemoryDesign):
     options_class = LMLMOptions
     uses_bank = True
+    annotation = "lmlm"  # trains on text annotated with its lookups (corpus/*_lmlm.jsonl; memlm experiment)
 
     def reader(self, model, tokenizer, bank=None) -> LMLMReader:
         return LMLMReader(model, tokenizer, bank, self.options(model.config))
@@ -222,13 +226,29 @@ class LMLMReader(MemoryReader):
         return [*self.tokenizer.encode(" " + value), self.end_id]
 
     # ---- inference -----------------------------------------------------------------------------
+    def decode_steps(self, max_new_tokens: int) -> int:
+        return max_new_tokens + self.options.lookup_steps
+
+    def text_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many of these generated tokens are text: those outside ``<|db_entity|> ... <|db_end|>``."""
+        n, inside = 0, False
+        for t in token_ids:
+            if t == self.entity_id:
+                inside = True
+            elif inside:
+                inside = t != self.end_id
+            else:
+                n += 1
+        return n
+
     def step_hook(self, batch: PromptBatch):
         """Before each forward: every live row whose last token is ``<|db_return|>`` gets its value forced.
 
         The last token is the one the next forward call feeds, so the value follows it in the same cache;
-        rows that are not at a lookup are untouched and keep decoding.
+        rows that are not at a lookup are untouched and keep decoding. A row ends once its text (lookups not
+        counted) reaches ``batch.max_text_tokens``.
         """
-        prompts = batch.token_ids
+        prompts, budget = batch.token_ids, batch.max_text_tokens
 
         def hook(state) -> None:
             rows, calls = [], []
@@ -236,6 +256,8 @@ class LMLMReader(MemoryReader):
                 if state.finished[i] or state.forced[i]:
                     continue
                 if (toks[-1] if toks else prompts[i][-1]) != self.return_id:
+                    if budget is not None and len(toks) >= budget and self.text_tokens(toks) >= budget:
+                        state.finished[i] = True
                     continue
                 rows.append(i)
                 calls.append(self._read_call([*prompts[i], *toks]))
