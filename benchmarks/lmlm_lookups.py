@@ -6,10 +6,11 @@ its lookup calls) and the benchmark's ``facts.jsonl`` (the gold subject and rela
 
     python benchmarks/lmlm_lookups.py RUN/final/eval/qa_unseen_predictions.jsonl --data /work/exp/bios2k
 
+``--run MODEL --options '{"relation": "context"}'`` first runs the split with those memory options changed;
 ``--ablate MODEL`` first runs the QA split with the bank disabled (every lookup answers ``unknown``: the
 paper's "without the database") and writes ``qa_SPLIT_nobank*`` beside the other evaluations::
 
-    python benchmarks/lmlm_lookups.py --ablate RUN/final --data /work/exp/bios2k --split unseen --max-new-tokens 48
+    python benchmarks/lmlm_lookups.py --ablate RUN/final --data /work/exp/bios2k --split unseen --max-new-tokens 16
 """
 
 from __future__ import annotations
@@ -83,22 +84,24 @@ def analyse(predictions: Path, data: Path) -> dict:
     }
 
 
-def ablate(model_dir: Path, data: Path, split: str, max_new_tokens: int, batch_size: int) -> Path:
-    """QA with the bank disabled: the same model, every lookup answered ``unknown``."""
+def run_qa(model_dir: Path, data: Path, split: str, max_new_tokens: int, batch_size: int, **options) -> Path:
+    """QA with the checkpoint's memory options changed (``disabled=True``: every lookup answered ``unknown``;
+    ``relation="context"``: the relation its question asks for). Writes ``qa_SPLIT_<options>*``."""
     from memlm.eval.qa import evaluate_qa, load_qa, markdown_table, write_report
     from memlm.generate import Generator
     from memlm.model.checkpoint import load_pretrained
     from memlm.model.memory.binding import load_reader
 
     model, tok = load_pretrained(model_dir)
-    model.config.memory_options = {**model.config.memory_options, "disabled": True}
+    model.config.memory_options = {**model.config.memory_options, **options}
+    tag = "_".join("nobank" if k == "disabled" and v is True else f"{k}-{v}" for k, v in options.items())
     with Generator(model, tok, reader=load_reader(model_dir, model, tok)) as gen:
         report = evaluate_qa(
             gen, load_qa(data, split), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True
         )
-    meta = {"model": str(model_dir), "data": str(data), "split": split, "bank": "disabled"}
-    print(markdown_table(report, title=f"QA exact match — {split}, bank disabled"), end="")
-    return write_report(report, model_dir / "eval", f"qa_{split}_nobank", meta=meta)
+    meta = {"model": str(model_dir), "data": str(data), "split": split, "memory_options": options}
+    print(markdown_table(report, title=f"QA exact match — {split}, {options}"), end="")
+    return write_report(report, model_dir / "eval", f"qa_{split}_{tag}", meta=meta)
 
 
 def main() -> None:
@@ -106,13 +109,23 @@ def main() -> None:
     p.add_argument("predictions", nargs="?", type=Path, help="qa_SPLIT_predictions.jsonl of memlm eval qa")
     p.add_argument("--data", required=True, type=Path, help="the benchmark folder (facts.jsonl)")
     p.add_argument("--ablate", type=Path, help="model folder: run --split with the bank disabled first")
+    p.add_argument("--run", type=Path, help="model folder: run --split with --options first")
+    p.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help='memory options to change, e.g. {"relation": "context"}',
+    )
     p.add_argument("--split", default="unseen")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", type=Path, help="also write the analysis here")
     args = p.parse_args()
-    if args.ablate:
-        path = ablate(args.ablate, args.data, args.split, args.max_new_tokens, args.batch_size)
+    if args.ablate or args.run:
+        options = {"disabled": True} if args.ablate else args.options
+        path = run_qa(
+            args.ablate or args.run, args.data, args.split, args.max_new_tokens, args.batch_size, **options
+        )
         args.predictions = path.with_name(path.stem + "_predictions.jsonl")
     if args.predictions is None:
         p.error("give a predictions file or --ablate MODEL")

@@ -386,6 +386,32 @@ def test_deleted_facts_leave_nothing_to_find(bios, bank, tokenizer):
     assert reader.lookup(f["subject"].upper(), other["relation"]).value == other["object"]
 
 
+def test_context_entity_is_the_name_the_text_gives_and_deletions_stay_deleted(bios, bank, tokenizer):
+    (name, facts), (other, theirs) = person(bios, 4), person(bios, 5)
+    # no encoder: no fuzzy match to rescue a miscopied name, only the text
+    reader = load_reader(None, lmlm_model(entity="context", encoder=None), tokenizer, bank=bank)
+    written = load_reader(None, lmlm_model(encoder=None), tokenizer, bank=bank)
+    wrong = "Zed " + name.split(maxsplit=1)[1]  # a miscopy of the name the question gives (first name)
+
+    def ask(r, prompt, entity, relation="employer"):
+        ids = tokenizer.encode(prompt, bos=True) + call_ids(tokenizer, entity, relation)
+        return r.lookup(*r._read_call(ids))
+
+    question = f"Q: Who employs {other}? And {name}?\nA:"
+    assert ask(reader, question, wrong).value == facts["employer"]  # the named subject spelt most like it
+    assert ask(written, question, wrong).value == "unknown"
+    assert ask(reader, question, other).value == theirs["employer"]  # written and named: kept as written
+    assert ask(reader, f"Q: Who employs {name}?\nA:", "Nobody At All").value == facts["employer"]
+    assert (
+        reader.named_entity(tokenizer.encode(f"Ask {name}."), wrong) == name
+    )  # the full stop is not the name's
+    assert ask(reader, "Q: Who employs him?\nA:", wrong).value == "unknown"  # nobody named: as written
+    eid = ask(reader, question, wrong).entry_id
+    bank.delete([eid])
+    gone = ask(reader, question, wrong)
+    assert gone.value == "unknown" and gone.entry_id is None  # the person's other entries do not answer
+
+
 def test_a_relation_the_bank_knows_is_never_swapped_for_a_neighbour(tokenizer, tmp_path):
     with MemoryBank.create(tmp_path / "b") as bank:
         a = bank.add(subject="Ada L. Byron", relation="birth_city", object="London")

@@ -30,9 +30,11 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 import torch
 
+from memlm.bank.entry import normalise
 from memlm.data.annotate import annotate_ids, call_string, parse_calls, strip_calls
 from memlm.data.pack import IGNORE_INDEX
 from memlm.errors import ConfigError
@@ -45,6 +47,15 @@ from memlm.tokenizer import DB_END, DB_ENTITY, DB_RELATIONSHIP, DB_RETURN
 # A clause ends at a sentence end followed by a space, or a line end (the entity, where initials would break
 # this, is already replaced by a neutral word).
 _CLAUSE_END = re.compile(r"(?<=[.?!])\s+|\n")
+_NAME_WORDS = 6  # the longest name (in words) that entity=context looks for in the text
+
+
+def _trim(words: str) -> str:
+    """A phrase without the punctuation around it; a final full stop stays only after an initial ("V.")."""
+    words = words.strip(" ?!,;:\"'()")
+    if words.endswith(".") and len(words.rsplit(" ", 1)[-1]) > 2:
+        words = words[:-1]
+    return words
 
 
 @dataclass
@@ -57,6 +68,8 @@ class LMLMOptions:
     max_call_tokens: int = 64  # a longer call (a runaway entity or relation) is answered unknown
     lookup_steps: int = 32  # decoding steps beyond max_new_tokens for lookups (they are not answer text)
     relation: str = "written"  # written: as the model wrote it | context: what its sentence asks for
+    entity: str = "written"  # written: as the model wrote it | context: the subject the text before it names
+    mention_words: int = 32  # context entity: the last this many words before a call are searched for names
     written_weight: float = 0.5  # context: weight of the written relation against the sentence
     context_words: int = 3  # context: a call's sentence is its last clause, extended to this many words
     disabled: bool = False  # ablation: every lookup answers `unknown` (the paper's "without the database")
@@ -72,6 +85,8 @@ class LMLMOptions:
             raise ConfigError(
                 f"model.memory_options.relation must be written or context, got {self.relation!r}"
             )
+        if self.entity not in ("written", "context"):
+            raise ConfigError(f"model.memory_options.entity must be written or context, got {self.entity!r}")
         if self.relation == "context" and not self.encoder:
             raise ConfigError("model.memory_options.relation=context needs an encoder (e.g. minilm)")
         if self.lookup_steps < 0:
@@ -184,6 +199,32 @@ class LMLMReader(MemoryReader):
                 out[i] = Answer(hit.entry.object, hit.entry.id, hit.how, float(hit.score), asked[i])
         return out
 
+    def named_entity(self, ids: Sequence[int], written: str) -> str:
+        """The subject a call is about, for ``entity: context``: the written entity when the text before the
+        call (``ids``, earlier calls removed) names it; else, of the subjects the bank knows exactly (or by
+        alias) that the last ``mention_words`` words name, the one spelt most like the written entity (the
+        latest on ties); else the written entity. A small model miscopies names ("Emil I. Edbrook" for the
+        "Cecilia I. Edbrook" it was asked about); the name it meant is in its context. Only exact names are
+        taken from the text, so a deleted fact stays deleted: its subject's other entries do not answer it."""
+        text = strip_calls(self.tokenizer.decode(ids))
+        want = normalise(written)
+        if want and want in normalise(text):
+            return written
+        words = text.split()[-self.options.mention_words :]
+        best, best_key = written, None
+        seen: set[str] = set()
+        for end in range(1, len(words) + 1):
+            for n in range(1, min(_NAME_WORDS, end) + 1):
+                name = _trim(" ".join(words[end - n : end]))
+                if not name or name in seen:
+                    continue
+                seen.add(name)
+                if self.index.subject_entries(name, self.namespaces):
+                    key = (SequenceMatcher(None, want, normalise(name)).ratio(), end)
+                    if best_key is None or key >= best_key:
+                        best, best_key = name, key
+        return best
+
     def call_sentence(self, ids: Sequence[int], entity: str) -> str:
         """The clause a call was written in: the text before it (earlier calls removed), the entity replaced by
         a neutral word, from its last sentence or line, extended backwards to ``context_words`` words
@@ -210,15 +251,19 @@ class LMLMReader(MemoryReader):
         return decode(body[:cut]).removeprefix(" "), decode(body[cut + 1 :]).removeprefix(" "), start
 
     def _read_call(self, context: Sequence[int]) -> tuple[str, str, str | None]:
-        """(entity, relation, sentence) of the call that ``context`` (ending in ``<|db_return|>``) closes."""
+        """(entity, relation, sentence) of the call that ``context`` (ending in ``<|db_return|>``) closes: the
+        entity as written, or as the text names it (``entity: context``)."""
         n = self.options.max_call_tokens + 1
         call = self.parse_call(context[-n:])
         if call is None:
             return "", "", None
         entity, relation, start = call
+        before = context[: max(len(context) - n, 0) + start]
+        if self.options.entity == "context" and entity.strip():
+            entity = self.named_entity(before, entity)
         sentence = None
         if self.options.relation == "context":
-            sentence = self.call_sentence(context[: max(len(context) - n, 0) + start], entity)
+            sentence = self.call_sentence(before, entity)
         return entity, relation, sentence
 
     def value_ids(self, value: str) -> list[int]:
@@ -262,6 +307,7 @@ class LMLMReader(MemoryReader):
                 rows.append(i)
                 calls.append(self._read_call([*prompts[i], *toks]))
             for i, (entity, relation, _), answer in zip(rows, calls, self.lookup_many(calls)):
+                # entity: the one looked up (as written, or as the text names it: entity=context)
                 state.force(i, self.value_ids(answer.value))
                 state.record(
                     i,
