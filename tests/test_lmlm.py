@@ -406,6 +406,10 @@ def test_context_entity_is_the_name_the_text_gives_and_deletions_stay_deleted(bi
         reader.named_entity(tokenizer.encode(f"Ask {name}."), wrong) == name
     )  # the full stop is not the name's
     assert ask(reader, "Q: Who employs him?\nA:", wrong).value == "unknown"  # nobody named: as written
+    gen = Generator(reader.model, tokenizer, reader=reader)
+    prompt = question + tokenizer.decode(call_ids(tokenizer, wrong, "employer"), skip_special_tokens=False)
+    (event,) = gen.generate([prompt], max_new_tokens=4)[0].trace  # the trace keeps both names
+    assert (event["entity"], event["looked_up"], event["value"]) == (wrong, name, facts["employer"])
     eid = ask(reader, question, wrong).entry_id
     bank.delete([eid])
     gone = ask(reader, question, wrong)
@@ -439,6 +443,7 @@ def test_trace_of_every_lookup_and_sources(bios, bank_dir, tokenizer, tmp_path, 
         entry = gen.reader.bank.get(event["entry_ids"][0])
     assert (entry.subject, entry.relation, entry.object) == (name, "university", facts["university"])
     assert event["kind"] == "lookup" and event["entity"] == name.lower() and event["relation"] == "university"
+    assert event["looked_up"] == name.lower()
     assert event["match"] == "exact" and event["score"] == 1.0 and event["value"] == facts["university"]
     assert out.retrieved == [entry.id] and out.text.startswith(f" {facts['university']}{DB_END}")
     from memlm.cli import main

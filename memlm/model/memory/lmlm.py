@@ -296,7 +296,7 @@ class LMLMReader(MemoryReader):
         prompts, budget = batch.token_ids, batch.max_text_tokens
 
         def hook(state) -> None:
-            rows, calls = [], []
+            rows, calls, written = [], [], []
             for i, toks in enumerate(state.tokens):
                 if state.finished[i] or state.forced[i]:
                     continue
@@ -305,15 +305,19 @@ class LMLMReader(MemoryReader):
                         state.finished[i] = True
                     continue
                 rows.append(i)
-                calls.append(self._read_call([*prompts[i], *toks]))
-            for i, (entity, relation, _), answer in zip(rows, calls, self.lookup_many(calls)):
-                # entity: the one looked up (as written, or as the text names it: entity=context)
+                context = [*prompts[i], *toks]
+                calls.append(self._read_call(context))
+                call = self.parse_call(context[-(self.options.max_call_tokens + 1) :])
+                written.append(call[0] if call else "")
+            answers = self.lookup_many(calls)
+            for i, (entity, relation, _), name, answer in zip(rows, calls, written, answers):
                 state.force(i, self.value_ids(answer.value))
                 state.record(
                     i,
                     entry_ids=[answer.entry_id] if answer.entry_id is not None else [],
                     kind="lookup",
-                    entity=entity,
+                    entity=name,  # as written
+                    looked_up=entity,  # the same, or the name the text gives (entity=context)
                     relation=relation,
                     asked=answer.relation,
                     match=answer.how,
