@@ -476,7 +476,10 @@ def test_save_load_round_trip_and_bank_edits_need_no_training(bios, bank_dir, to
         assert got.token_ids == want.token_ids and got.trace == want.trace
         assert gen.reader.options.encoder == OPTIONS["encoder"]  # the options travel with the checkpoint
         eid = got.retrieved[0]
+        nobody = tokenizer.decode(call_ids(tokenizer, "Nobody At All", "employer"), skip_special_tokens=False)
+        gen.generate([nobody], max_new_tokens=2)  # the fuzzy index, built in a decode (inference mode) ...
         gen.reader.bank.update(eid, object="Atlantis Labs")  # the next query reads the new value
+        assert gen.reader.refresh() == 1  # ... follows the edit outside it (as `memlm eval edit` calls it)
         edited = gen.generate([prompt], max_new_tokens=16)[0]
     assert edited.trace[0]["value"] == "Atlantis Labs" and edited.text.startswith(" Atlantis Labs" + DB_END)
     assert facts["employer"] != "Atlantis Labs"

@@ -148,6 +148,10 @@ class LMLMReader(MemoryReader):
             self._index = LexicalIndex(self.bank, enc, threshold=self.options.threshold)
         return self._index
 
+    # The fuzzy index is built and changed in inference mode only, wherever it is called from (the decode runs
+    # in it, the edit/delete evaluations refresh outside it; torch refuses to change an inference tensor
+    # outside inference mode).
+    @torch.inference_mode()
     def refresh(self) -> int:
         """The fuzzy index follows the bank's edit log; exact and alias lookups read the bank itself."""
         if self.options.encoder:
@@ -170,6 +174,7 @@ class LMLMReader(MemoryReader):
         """(E, R) -> the value to force. Never cached: every answer is read from the bank as it is now."""
         return self.lookup_many([(entity, relation, sentence)])[0]
 
+    @torch.inference_mode()
     def lookup_many(self, calls: Sequence[tuple[str, str, str | None]]) -> list[Answer]:
         """Each (entity, written relation, sentence of the call) -> its :class:`Answer`, in one encoder batch.
 
