@@ -82,7 +82,8 @@ def run_design(args) -> dict:
     bank = MemoryBank.open(bank_dir) if design.uses_bank else None
     reader = design.reader(model, tok, bank)
     qa = [json.loads(x)["prompt"] for x in (data / "qa/unseen.jsonl").read_text().splitlines()]
-    docs = list(iter_corpus([data / "corpus/train.jsonl"]))[: args.train_batch * (args.train_steps + 2)]
+    corpus = "train_lmlm" if getattr(design, "annotation", "none") == "lmlm" else "train"  # LMLM: its lookups
+    docs = list(iter_corpus([data / f"corpus/{corpus}.jsonl"]))[: args.train_batch * (args.train_steps + 2)]
     reader.prompts(qa[:2])  # build the retriever (encode the bank, build the index) outside the timings
     reader.prepare_training(docs)
 
