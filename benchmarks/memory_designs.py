@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 # Options a design runs with here (as in configs/<design>.yaml); a design missing here runs with its defaults.
-DESIGN_OPTIONS = {"rag": {"k": 4, "encoder": "minilm", "index": "exact"}}
+DESIGN_OPTIONS = {"rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"}}
 
 
 def prepare(work: Path, people: int) -> tuple[Path, Path, Path]:
