@@ -32,7 +32,7 @@ from pathlib import Path
 
 # Options a design runs with here (as in configs/<design>.yaml); a design missing here runs with its defaults.
 DESIGN_OPTIONS = {
-    "rag": {"k": 4, "encoder": "minilm", "index": "exact"},
+    "rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"},
     "lmlm": {"encoder": "minilm", "relation": "context", "entity": "context"},
 }
 
