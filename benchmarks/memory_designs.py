@@ -75,7 +75,7 @@ def run_design(args) -> dict:
     tok = Tokenizer.load(tok_dir)
     cfg = ModelConfig(
         vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-        n_embd=args.n_embd, memory=args.design, memory_options=DESIGN_OPTIONS.get(args.design, {}),
+        n_embd=args.n_embd, memory=args.design, memory_options=options(args).get(args.design, {}),
     )  # fmt: skip
     model = GPT(cfg).to(args.device)
     design = get_memory_design(args.design)
@@ -106,6 +106,7 @@ def run_design(args) -> dict:
                 decode(model, b.token_ids, gcfg, pad_id=tok.pad_id, eos_id=-1, hook=hook, memory=b.memory)
 
         run(prompts[:batch])  # warm-up
+        cold(reader)
         _sync(args.device)
         t0 = time.perf_counter()
         run()
@@ -116,6 +117,7 @@ def run_design(args) -> dict:
         ids = reader.prompts(prompts).token_ids
         for p, c in zip(ids[:1], schedule[:1]):
             decode_regenerating(reader, p, args.new_tokens, eos_id=-1, calls=c)  # warm-up
+        cold(reader)
         _sync(args.device)
         t0 = time.perf_counter()
         for p, c in zip(ids, schedule):
@@ -159,6 +161,22 @@ def lmlm_calls(data: Path, tok, n: int) -> tuple[list[str], list[dict[int, list[
     return prompts, schedule
 
 
+def options(args) -> dict:
+    """DESIGN_OPTIONS with ``--options DESIGN=JSON`` applied."""
+    out = dict(DESIGN_OPTIONS)
+    for item in args.options:
+        design, _, spec = item.partition("=")
+        out[design] = {**out.get(design, {}), **json.loads(spec)}
+    return out
+
+
+def cold(reader) -> None:
+    """LMLM's sentence-vector cache starts empty for every timed decode: no path reuses another's encodes."""
+    relations = getattr(reader, "_relations", None)
+    if relations is not None:
+        relations.clear_cache()
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -182,6 +200,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--options", action="append", default=[], help="DESIGN=JSON: other options for a design")
     p.add_argument("--design", help=argparse.SUPPRESS)  # worker mode: one design, JSON on stdout
     args = p.parse_args()
 
@@ -218,7 +237,7 @@ def main() -> None:
         )
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "design"},
-        "design_options": DESIGN_OPTIONS,
+        "design_options": options(args),
         "rows": rows,
         "machine": {
             "platform": platform.platform(),

@@ -64,6 +64,10 @@ class RelationIndex:
             self._vec_cache.popitem(last=False)
         return out
 
+    def clear_cache(self) -> None:
+        """Forget the cached sentence vectors (benchmarks time every decode path from the same cold start)."""
+        self._vec_cache.clear()
+
     def refresh(self) -> None:
         """Re-read the schema (relations in use and the first entry stating each) when the bank changed."""
         if self.bank.version == self._version:
