@@ -76,7 +76,12 @@ def main() -> None:
                         a = ask(fact, spelt, where == "question")
                         c = counts.setdefault(f"{when}/{where}/{kind}", Counter())
                         c["n"] += 1
-                        same = a.entry_id is not None and copy.get(a.entry_id).subject == fact["subject"]
+                        read = (
+                            copy.get_many([a.entry_id], missing_ok=True)[0]
+                            if a.entry_id is not None
+                            else None
+                        )
+                        same = read is not None and read.subject == fact["subject"]
                         if a.value == fact["object"] and (a.entry_id in gone or same or a.entry_id is None):
                             c["answered"] += 1
                         c["deleted_entry_read"] += a.entry_id in gone
