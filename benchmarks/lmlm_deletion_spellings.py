@@ -86,7 +86,8 @@ def main() -> None:
                             c["answered"] += 1
                         c["deleted_entry_read"] += a.entry_id in gone
         gen.close()
-    rows = {k: {**v, "rate": v["answered"] / v["n"]} for k, v in sorted(counts.items())}
+    keys = ("n", "answered", "deleted_entry_read")
+    rows = {k: {**{x: v[x] for x in keys}, "rate": v["answered"] / v["n"]} for k, v in sorted(counts.items())}
     after = [v for k, v in rows.items() if k.startswith("after/")]
     summary = {
         "model": str(args.model),
