@@ -3,6 +3,7 @@
 Importing this package registers every shipped design (``rag``, ...), so ``ModelConfig.memory`` can name it.
 """
 
+import memlm.model.memory.pluglm  # noqa: F401  (registers "pluglm")
 from memlm.model.memory import rag  # noqa: E402, F401  (registers "rag")
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
