@@ -132,6 +132,21 @@ def test_causal_later_tokens_never_change_earlier_logits(bios, bank_dir, tokeniz
     assert not torch.equal(ids_a[:, 25:], b.retrieval.retrieved_ids[:, 25:])  # later queries did move
 
 
+def test_inference_cache_follows_weight_updates(bios, bank_dir, tokenizer):
+    model = plug_model(value="tokens").eval()
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.prompts(["Q: Where was Laura F. Glenholm born?\nA:"])
+        x = torch.tensor(batch.token_ids)
+        with torch.no_grad():
+            cached = model(x, memory=batch.memory).logits
+            model.blocks[1].memory.wv.weight.mul_(3.0)  # an in-place update, as an optimizer makes
+            after = model(x, memory=batch.memory).logits
+        uncached = model(x, memory=batch.memory).logits.detach()  # with gradient: never cached
+    assert not torch.allclose(cached, after)
+    torch.testing.assert_close(after, uncached)
+
+
 def test_empty_memory_leaves_the_backbone_unchanged(tokenizer):
     model = plug_model(replace_ffn=False).eval()
     x = torch.randint(5, 400, (2, 12))

@@ -206,7 +206,10 @@ class KnowledgeAttention(nn.Module):
         gold = inputs.gold if self.training and self.aux_weight > 0 else None
         wanted = rows.reshape(-1) if gold is None else torch.cat([rows.reshape(-1), gold[gold >= 0]])
         uniq, inv = torch.unique(wanted, return_inverse=True)
-        keys = self.encoder.keys(table.key_tokens[uniq], table.key_len[uniq])  # (U, dk)
+        if self.training:  # re-encoded with gradient (the paper); inference reads the table's fresh keys
+            keys = self.encoder.keys(table.key_tokens[uniq], table.key_len[uniq])  # (U, dk)
+        else:
+            keys = table.keys[uniq]
         slot = inv[: B * T * N].view(B, T, N)  # value slot of each retrieved entry
         vtok, vlen = table.value_tokens[uniq], table.value_len[uniq]
         if inputs.override_rows is not None:  # swapped objects: this sample reads other value tokens
@@ -233,15 +236,15 @@ class KnowledgeAttention(nn.Module):
             # query of a position that has just produced "17 July" finds "1976" (copying, token by token).
             # Scores are taken against the whole vocabulary (one matmul) and gathered at the entries' token
             # ids; the read is scattered back to vocabulary space: no (B, T, N, L, C) tensor is ever built.
-            own, prev = self.encoder.vocab_features()  # (V, C) each
-            V = own.shape[0]
+            k_own, k_prev, v_own = self._vocab_tables(H, d)  # (V, H, d) each
+            V = k_own.shape[0]
             ids = vtok[slot].flatten(-2)  # (B, T, N*L) token ids of the retrieved entries
             L = vtok.shape[1]
             mask = (torch.arange(L, device=h.device) < vlen[slot][..., None]).flatten(-2)  # (B, T, N*L)
             before = F.pad(vtok, (1, 0), value=table.pad_id)[:, :-1][slot].flatten(-2)  # predecessors
             qs = qh / math.sqrt(d)
-            s_own = torch.einsum("bthd,vhd->bthv", qs, self.wk(own).view(V, H, d))  # (B, T, H, V)
-            s_prev = torch.einsum("bthd,vhd->bthv", qs, self.wk(prev).view(V, H, d))
+            s_own = torch.einsum("bthd,vhd->bthv", qs, k_own)  # (B, T, H, V)
+            s_prev = torch.einsum("bthd,vhd->bthv", qs, k_prev)
             s_pos = torch.einsum(
                 "bthd,lhd->bthl", qs, self.wk(self.encoder.value_pos.weight[:L]).view(L, H, d)
             )
@@ -250,7 +253,7 @@ class KnowledgeAttention(nn.Module):
             att = att + bias.repeat_interleave(L, dim=-1)  # (B, T, H, N*L)
             w = torch.nan_to_num(att.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1))
             w_vocab = torch.zeros(B, T, H, V, dtype=w.dtype, device=h.device).scatter_add(-1, idx, w)
-            out = torch.einsum("bthv,vhd->bthd", w_vocab, self.wv(own).view(V, H, d))
+            out = torch.einsum("bthv,vhd->bthd", w_vocab, v_own)
         y = self.wo(out.reshape(B, T, C))
 
         memory.retrieved_ids = table.ids[rows]  # (B, T, N) bank ids, best first
@@ -260,6 +263,25 @@ class KnowledgeAttention(nn.Module):
                 "pluglm_retrieval", self.aux_weight * self._retrieval_loss(q, rows, keys, inv, gold)
             )
         return y
+
+    def _vocab_tables(self, H: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per vocabulary id: key as a token, key as a predecessor, value; each (V, H, d).
+
+        Without gradient they are cached until a weight they depend on changes (a parameter's ``_version``
+        moves with every in-place update): decoding would otherwise redo three (V x C x C) products per token."""
+        enc = self.encoder
+        table = enc.embed if enc.embed is not None else enc._shared[0]
+        params = (table.weight, enc.token_norm.weight, enc.token_norm.bias, enc.prev.weight, self.wk.weight,
+                  self.wv.weight)  # fmt: skip
+        stamp = tuple((p.data_ptr(), p._version) for p in params)  # moved or updated: recompute
+        if torch.is_grad_enabled() or getattr(self, "_vocab_stamp", None) != stamp:
+            own, prev = enc.vocab_features()
+            V = own.shape[0]
+            tables = (self.wk(own).view(V, H, d), self.wk(prev).view(V, H, d), self.wv(own).view(V, H, d))
+            if torch.is_grad_enabled():
+                return tables
+            self._vocab_cache, self._vocab_stamp = tables, stamp
+        return self._vocab_cache
 
     def _retrieval_loss(self, q: Tensor, rows: Tensor, keys: Tensor, inv: Tensor, gold: Tensor) -> Tensor:
         """Cross-entropy of the gold entry's (fresh) key against the retrieved ones, at positions with a gold."""

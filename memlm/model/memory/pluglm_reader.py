@@ -169,7 +169,7 @@ class PlugLMReader(MemoryReader):
     ) -> TrainBatch:
         table = self._ready(fresh=False)
         if train:
-            if self._steps % self.options.refresh_every == 0:
+            if self._steps % self.options.refresh_every == 0 and not self._keys_fresh:
                 self.refresh_keys()  # the paper's asynchronous index refresh; stale keys until the next one
             self._keys_fresh = False  # the weights move from here on
             self._steps += 1
