@@ -265,6 +265,17 @@ def test_save_load_round_trip_with_the_bank(bios, bank_dir, tokenizer, tmp_path)
     assert [g.retrieved for g in a] == [g.retrieved for g in b] and a[0].retrieved
 
 
+def test_bind_shares_the_token_embedding_without_a_second_name():
+    model = plug_model()
+    assert model.memory.embedding(torch.tensor([[7]]))[0, 0].equal(
+        model.wte.weight[7]
+    )  # GPT calls design.bind
+    assert not any(k.startswith("memory.") and "wte" in k for k in model.state_dict())
+    own = plug_model(encoder="own")
+    assert "memory.embed.weight" in own.state_dict()
+    assert not own.memory.embedding(torch.tensor([[7]]))[0, 0].equal(own.wte.weight[7])
+
+
 def test_options_are_checked():
     from memlm.errors import ConfigError
 
