@@ -26,7 +26,7 @@ from pathlib import Path
 
 # Options a design runs with here (as in configs/<design>.yaml); a design missing here runs with its defaults.
 DESIGN_OPTIONS = {
-    "rag": {"k": 4, "encoder": "minilm", "index": "exact"},
+    "rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"},
     "pluglm": {"key_dim": 128, "top_n": 5, "key": "about", "value": "tokens", "refresh_every": 200,
                "replace_ffn": False, "aux_weight": 0.5, "swap_prob": 0.5},
 }  # fmt: skip
