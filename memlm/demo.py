@@ -27,7 +27,7 @@ from memlm.experiment import MAIN, BenchmarkSpec, Experiment, ExperimentConfig
 # The RAG recipe of docs/results.md, at demo scale: the top-1 entry found by what it is about; in training
 # the entry whose object the text names is read, half of the objects are swapped (only reading pays) and
 # query tokens are noised (the answer comes from memory, not from the question's wording).
-RAG_OPTIONS = {"k": 1, "key": "about", "swap_prob": 0.5, "train_pick": 4, "query_noise": 0.3}
+RAG_OPTIONS = {"k": 1, "key": "about", "swap_prob": 0.5, "train_pick": 4, "query_noise": 0.6}
 
 
 @dataclass
