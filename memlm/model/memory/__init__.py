@@ -3,8 +3,11 @@
 Importing this package registers every shipped design (``rag``, ...), so ``ModelConfig.memory`` can name it.
 """
 
-import memlm.model.memory.pluglm  # noqa: F401  (registers "pluglm")
-from memlm.model.memory import rag  # noqa: E402, F401  (registers "rag")
+from memlm.model.memory import (
+    lmlm,  # noqa: E402, F401  (registers "lmlm")
+    pluglm,  # noqa: E402, F401  (registers "pluglm")
+    rag,  # noqa: E402, F401  (registers "rag")
+)
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
 from memlm.model.memory.registry import get_memory_design, list_memory_designs, register_memory_design
