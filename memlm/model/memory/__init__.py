@@ -5,6 +5,7 @@ Importing this package registers every shipped design (``rag``, ...), so ``Model
 
 from memlm.model.memory import (
     lmlm,  # noqa: E402, F401  (registers "lmlm")
+    pluglm,  # noqa: E402, F401  (registers "pluglm")
     rag,  # noqa: E402, F401  (registers "rag")
 )
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
