@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,11 +50,23 @@ class TrainConfig:
     progress: bool = True  # tqdm bar with loss and tokens/s (rank 0 only)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        # checked here, when the config loads: a bad value must not reach PyTorch after the run folder exists
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):
+            at_least("train", name, getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_every", "save_every", "num_workers", "weight_decay", "grad_clip"):
+            at_least("train", name, getattr(self, name), 0)
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.memory_lr is not None and not self.memory_lr > 0:
+            raise ConfigError(f"train.memory_lr must be > 0 (or null: same as lr), got {self.memory_lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 @dataclass
@@ -104,6 +117,11 @@ class RunConfig:
         return _to_plain(self)
 
 
+def at_least(section: str, name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{section}.{name} must be >= {low}, got {value}")
+
+
 # ---- loading ------------------------------------------------------------------------------------
 
 
@@ -120,9 +138,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: invalid YAML ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(raw, key, value)
-    return from_dict(RunConfig, raw)
+    try:
+        for key, value in parse_overrides(overrides or []):
+            _set_dotted(raw, key, value)
+        return from_dict(RunConfig, raw)
+    except ConfigError as err:
+        if path is None:
+            raise
+        # name the file: "configs/x.yaml: train.lr must be > 0, got -1.0" (overrides are applied to it)
+        raise ConfigError(f"{path}: {err}") from None
 
 
 class _Raw(str):
@@ -239,6 +263,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return {str(k): (yaml.safe_load(v) if isinstance(v, _Raw) else v) for k, v in value.items()}
+    except ConfigError:
+        raise  # from a nested dataclass: its message names the key that is wrong
     except (TypeError, ValueError, yaml.YAMLError):
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}") from None
     return value

@@ -19,6 +19,7 @@ ACTIONS = [
     "history",
     "rollback",
     "verify",
+    "checkpoint",
     "stats",
 ]
 
@@ -91,3 +92,46 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out or "{}") == {}
     main(["bank", "stats", b])
     assert json.loads(capsys.readouterr().out)["entries"] == 0  # the failed import left nothing
+
+
+def test_second_search_reuses_the_saved_index(tmp_path, capsys, monkeypatch):
+    """The first search builds and saves indexes/<kind>-<encoder>; later ones load it and apply the log."""
+    from memlm.index import Retriever
+
+    builds = []
+    real = Retriever._rebuild
+    monkeypatch.setattr(Retriever, "_rebuild", lambda self, **kw: (builds.append(1), real(self, **kw))[1])
+    b = str(tmp_path / "bank")
+    main(["bank", "create", b])
+    for t in ("The capital of France is Paris.", "The capital of Japan is Tokyo.", "Bananas are yellow."):
+        main(["bank", "add", b, "--text", t])
+    main(["bank", "search", b, "capital of France", "--index", "faiss"])
+    assert (
+        len(builds) == 1 and (tmp_path / "bank" / "indexes" / "faiss-hashing-v1" / "manifest.json").exists()
+    )
+    main(["bank", "search", b, "capital of France", "--index", "faiss"])
+    main(["bank", "edit", b, "1", "--text", "The capital of Japan is Kyoto, said nobody."])
+    capsys.readouterr()
+    main(["bank", "search", b, "Kyoto said nobody", "-k", "1", "--index", "faiss"])
+    assert "Kyoto" in capsys.readouterr().out  # the edit reached the saved index through the log
+    assert len(builds) == 1
+
+
+def test_refused_imports_leave_no_trace(tmp_path, capsys):
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n\n")
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    b = str(tmp_path / "bank")
+    main(["bank", "create", b])
+    assert main(["bank", "import", b, str(empty)]) == 2
+    assert "empty.jsonl: no entries" in capsys.readouterr().err
+    from memlm.bank import MemoryBank
+
+    with MemoryBank.open(b) as bank:
+        assert bank.version == 0  # the refused import did not bump the version
+    for folder in (tmp_path / "new", tmp_path / "new2"):
+        if folder.name == "new2":
+            folder.mkdir()  # an empty folder given by the user stays, empty
+        assert main(["bank", "import", str(folder), str(bad), "--create"]) == 2
+        assert "bad.jsonl:2: field 'text'" in capsys.readouterr().err
+        assert folder.exists() == (folder.name == "new2") and not any(folder.glob("*"))

@@ -205,3 +205,51 @@ def test_vector_cache_reencodes_only_changes_and_scrubs_deleted(bank):
     with pytest.raises(InputError, match=f"no up-to-date vector for entry {ids[9]}"):
         cache.get([ids[9]])
     assert bank.verify() == []
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ({"subject": "A", "relation": "r", "object": "o", "text": "A r o.", "subjet": "typo"}, "subjet"),
+        ({"subject": " ", "relation": "r", "object": "o", "text": "t"}, "subject"),
+        ({"subject": "A", "relation": 3, "object": "o", "text": "t"}, "relation"),
+    ],
+)
+def test_facts_and_bank_import_apply_the_same_rules(tmp_path, line, field):
+    """One validator: what memlm.data refuses in a facts file, the bank import refuses with the same error."""
+    from memlm.data.facts import iter_facts
+    from memlm.errors import InputError
+
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"subject": "B", "relation": "r", "object": "o", "text": "B r o."}) + "\n"
+                    + json.dumps(line) + "\n")  # fmt: skip
+    errors = []
+    for read in (
+        lambda: list(iter_facts(path)),
+        lambda: MemoryBank.create(tmp_path / "b").import_jsonl(path),
+    ):
+        with pytest.raises(InputError) as info:
+            read()
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{path}:2: field '{field}'")
+
+
+def test_layers_import_downwards(tmp_path):
+    """bank below index below model: the bank (verify, purge included) never imports memlm.index, and index
+    modules import the kinds table from memlm.index.kinds, not from their own package's __init__."""
+    import pathlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from memlm.bank import MemoryBank; b = MemoryBank.create(sys.argv[1]); i = b.add(text='x');"
+        "b.verify(); b.delete(i, purge=True); b.close();"
+        "print(sorted(m for m in sys.modules if m.startswith(('memlm.index', 'memlm.model'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out.strip() == "[]"
+    root = pathlib.Path(__file__).resolve().parents[1] / "memlm"
+    for path in (root / "index").glob("*.py"):
+        assert "from memlm.index import" not in path.read_text(), path
+    assert "_connect" not in (root / "bank" / "vectors.py").read_text()

@@ -107,3 +107,24 @@ def test_round_trip(tmp_path):
 
 def test_parse_overrides():
     assert parse_overrides(["--a.b", "1", "--c=2"]) == [("a.b", "1"), ("c", "2")]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("train: {lr: -0.001}\n", "train.lr"),
+        ("train: {memory_lr: 0}\n", "train.memory_lr"),
+        ("train: {warmup_steps: -5}\n", "train.warmup_steps"),
+        ("train: {betas: [0.9, 1.5]}\n", "train.betas"),
+        ("train: {min_lr_ratio: 2}\n", "train.min_lr_ratio"),
+        ("train: {device: gpu}\n", "train.device"),
+        ("model: {dropout: 1.0}\n", "model.dropout"),
+        ("model: {n_layer: 0}\n", "model.n_layer"),
+        ("data: {seq_len: 0}\n", "data.seq_len"),
+    ],
+)
+def test_ranges_checked_at_load_naming_file_and_key(tmp_path, yaml_text, key):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {key} must")

@@ -58,3 +58,19 @@ def test_minilm_offline_semantic():
     )
     assert v.shape == (3, 384) and enc.dim == 384 and enc.fingerprint.startswith("minilm-l6-v2:")
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3  # semantic, not lexical, similarity
+
+
+@pytest.mark.slow
+def test_minilm_onnx_runtime_equals_sentence_transformers():
+    """The ONNX path (exported graph, equal-length batches) computes sentence-transformers' vectors, in order."""
+    from memlm.encode.minilm import MiniLMEncoder, onnx_available
+
+    if not onnx_available():
+        pytest.skip("onnxruntime/onnx not installed")
+    texts = ["Paris is the capital of France.", "", "a b", "word " * 260, "Ada was born in 1815.", "a b c",
+             "Ünïcödé text, with punctuation!"]  # fmt: skip
+    fast, ref = MiniLMEncoder(runtime="onnx", batch_size=2), MiniLMEncoder(runtime="torch")
+    a, b = fast.encode(texts), ref.encode(texts)
+    assert fast.fingerprint == ref.fingerprint and a.shape == b.shape == (len(texts), 384)
+    assert (a * b).sum(1).min() > 0.9999
+    assert fast.encode([]).shape == (0, 384)

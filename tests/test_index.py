@@ -164,3 +164,51 @@ def test_retriever_follows_bank_edits(tmp_path, kind, params):
     # a different encoder means the saved vectors are invalid: rebuilt, not reused
     r3 = Retriever.open(bank, HashingEncoder(dim=48), name="ix")
     assert r3.index.dim == 48 and len(r3.index) == bank.count()
+
+
+def test_product_keys_follow_a_growing_bank():
+    """A bank grown from 1 entry by 5 x 1,000 re-learns its codebooks: real cells, recall of a fresh build."""
+    import math
+
+    x = clustered(5001, seed=3)
+    ids = np.arange(len(x), dtype=np.int64)
+    rng = np.random.default_rng(4)
+    q = x[rng.choice(len(x), 200)] + 0.2 * rng.normal(size=(200, D)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ex = ExactIndex(dim=D)
+    ex.add(ids, x)
+    want = ex.search(q, 10)[1]
+
+    def make():
+        return ProductKeyIndex(dim=D, cell_size=4, topk_half=16, n_cells=64)
+
+    grown, fresh = make(), make()
+    grown.add(ids[:1], x[:1])
+    for s in range(1, len(x), 1000):
+        grown.add(ids[s : s + 1000], x[s : s + 1000], replace=False)
+    fresh.add(ids, x)
+    g, f = grown.shards["default"], fresh.shards["default"]
+    # learned again at 1,001 and 3,001 entries: within sqrt(2) of the fresh codebook size, never one cell
+    assert g.n_keys >= f.n_keys / math.sqrt(2) and g.learned_on == 3001
+    r_grown, r_fresh = recall(grown.search(q, 10)[1], want), recall(fresh.search(q, 10)[1], want)
+    assert r_grown >= r_fresh - 0.02, (r_grown, r_fresh)
+    # drift: replacing every entry (an edit is remove + add) re-learns too
+    before = g.learned_on
+    for s in range(0, len(x), 1000):
+        grown.add(ids[s : s + 1000], clustered(len(ids[s : s + 1000]), seed=9 + s))
+    assert g.learned_on == len(x) and before != g.learned_on and len(grown) == len(x)
+
+
+def test_retriever_rebuilds_an_index_the_bank_has_outgrown(tmp_path):
+    """An IVF index first built on a bank too small to train it (so Flat) becomes IVF once the bank has grown."""
+    bank = MemoryBank.create(tmp_path / "b")
+    bank.add_many(
+        {"text": f"Person {i} lives in town {i % 13} and works at firm {i % 7}."} for i in range(10)
+    )
+    r = Retriever.build(bank, HashingEncoder(dim=D), kind="faiss", spec="IVF16,Flat", nprobe=16)
+    assert r.index.shards["default"].built_spec == "Flat" and r.rebuilds == 1
+    for step in range(25):  # small edits: none of them alone is worth a rebuild
+        bank.add_many({"text": f"Person {step}-{i} lives in town {i % 13}."} for i in range(100))
+        r.search(["Person 3 lives in town 3"], k=3)
+    assert r.rebuilds == 2 and r.index.meta["built_on"] >= 1021
+    assert r.index.shards["default"].built_spec == "IVF16,Flat" and len(r.index) == bank.count()

@@ -79,7 +79,10 @@ def test_prompt_layout_and_provenance(bios, bank_dir, tokenizer):
 @pytest.mark.parametrize(
     ("doc", "query"),
     [
-        ("Q: Which company employs Flora V. Halley?\nA: Blue Media", "Q: Which company employs Flora V. Halley?"),
+        (
+            "Q: Which company employs Flora V. Halley?\nA: Blue Media",
+            "Q: Which company employs Flora V. Halley?",
+        ),
         ("Ada L. Byron was born in London. She wrote code.", "Ada L. Byron was born in London."),
         ("Dr. Smith moved to the U.S. in 1990. Then he left.", "Dr. Smith moved to the U.S. in 1990."),
         ("First line\nsecond line", "First line"),
@@ -206,3 +209,29 @@ def test_about_key_searches_what_an_entry_is_about(tmp_path):
             torch.from_numpy(about.cache.get([ids[2]])),
             torch.from_numpy(by_text.cache.get([ids[2]])),
         )  # no triple: the text is the key
+
+
+def test_training_picks_the_entry_the_continuation_names_and_noises_only_the_query(bios, bank_dir, tokenizer):
+    people = facts(bios)
+    person = people[6:12]
+    doc = f"Q: What about {person[0]['subject']}?\nA: {person[3]['object']}"  # names one fact's object
+    with MemoryBank.open(bank_dir) as bank:
+        plain = load_reader(None, rag_model(k=1), tokenizer, bank=bank)
+        hits = plain.search([query_text(doc)], k=6)[0][0]
+        gold = next(
+            e.id for e in bank if (e.subject, e.relation) == (person[3]["subject"], person[3]["relation"])
+        )
+        assert gold in hits and hits[0] != gold  # plain top-1 misses it, top-6 has it
+        picking = load_reader(None, rag_model(k=1, train_pick=6), tokenizer, bank=bank)
+        assert plain.train_batch([doc], rng=random.Random(0)).used == [[hits[0]]]
+        assert picking.train_batch([doc], rng=random.Random(0)).used == [[gold]]
+        assert picking.train_batch([doc], train=False).used == [[hits[0]]]  # validation reads like inference
+        noisy = load_reader(None, rag_model(k=1, query_noise=1.0), tokenizer, bank=bank)
+        a, b = plain.train_batch([doc], rng=random.Random(0)), noisy.train_batch([doc], rng=random.Random(0))
+        q_len, mem_len = a.query_len[0], a.input_ids[0].tolist().index(tokenizer.token_id(MEM)) + 1
+        assert torch.equal(a.input_ids[0, :mem_len], b.input_ids[0, :mem_len])  # memory untouched
+        assert (a.input_ids[0, mem_len:q_len] != b.input_ids[0, mem_len:q_len]).float().mean() > 0.8
+        assert (b.input_ids[0, mem_len:q_len] >= 8).all()  # never a special token
+        assert torch.equal(a.input_ids[0, q_len:], b.input_ids[0, q_len:]) and torch.equal(
+            a.targets, b.targets
+        )

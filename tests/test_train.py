@@ -95,6 +95,29 @@ def test_resume_refuses_other_config(corpus, tmp_path):
     )
 
 
+def test_resume_refuses_a_checkpoint_whose_weights_changed_on_disk(corpus, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_config(corpus, tmp_path, "--train.max_steps", "6", "--train.save_every", "3")
+    Trainer(cfg).fit(stop_at=3)  # "killed" after the checkpoint at step 3
+    ckpt = list_checkpoints(tmp_path)[-1]
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["norm.weight"] = state["norm.weight"] + 1e-3  # a valid file, other weights: not what was saved
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="do not match fingerprint.json"):
+        Trainer(cfg).fit(resume=True)
+
+
+def test_logged_loss_is_the_mean_since_the_last_line(corpus, tmp_path):
+    Trainer(tiny_config(corpus, tmp_path / "every")).fit()
+    Trainer(tiny_config(corpus, tmp_path / "fourth", "--train.log_every", "4")).fit()
+    every = dict(train_losses(tmp_path / "every"))
+    fourth = dict(train_losses(tmp_path / "fourth"))
+    assert sorted(fourth) == [4, 8]
+    for step in (4, 8):
+        assert fourth[step] == pytest.approx(sum(every[s] for s in range(step - 3, step + 1)) / 4, abs=1e-6)
+
+
 def test_global_batch_is_split_not_changed():
     one = StepBatchSampler(10, seed=1, batch_size=4, end_step=3)
     ranks = [

@@ -59,3 +59,13 @@ def test_train_run_and_resume(tmp_path, capsys):
 
     model = GPT.from_pretrained(run / "final")
     assert model.config.n_layer == 1
+
+
+def test_refused_config_leaves_no_run_folder(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    cfg.write_text(f"out_dir: {out}\ntrain: {{max_steps: 2}}\n")
+    assert main(["train", "--config", str(cfg), "--train.lr", "-3e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cfg) in err and "train.lr must be > 0" in err
+    assert not out.exists()

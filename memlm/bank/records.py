@@ -1,5 +1,7 @@
-"""Validation of user-supplied entries (keyword arguments or one JSONL object) and JSONL streaming.
+"""Validation of user-supplied entries and facts (keyword arguments or one JSONL object), and JSONL streaming.
 
+The one place for the field rules of a fact or entry: the bank's import and ``memlm.data.facts`` (what every
+knowledge source writes) both call :func:`validate`, so a file the data tools accept the bank accepts too.
 Every problem becomes an :class:`~memlm.errors.InputError` naming the file, the line and the field.
 """
 
@@ -20,11 +22,18 @@ class ValidRecord(dict):
     """A record that passed :func:`validate` (so bulk import does not check it twice)."""
 
 
-def validate(rec: dict, *, path: str | os.PathLike | None = None, line: int | None = None) -> ValidRecord:
+def validate(
+    rec: dict,
+    *,
+    path: str | os.PathLike | None = None,
+    line: int | None = None,
+    require: tuple[str, ...] = (),
+) -> ValidRecord:
     """Check one record and fill defaults; returns a new dict with every known field.
 
-    ``text`` defaults to "subject relation object" when only a triple is given.
-    Unknown keys are an error (a typo such as "subjet" would otherwise be silently lost).
+    ``text`` defaults to "subject relation object" when only a triple is given; ``require`` names fields that
+    must be present (a fact needs its whole triple and its text). Unknown keys are an error (a typo such as
+    "subjet" would otherwise be silently lost); so are an empty subject, relation or text.
     """
     if not isinstance(rec, dict):
         raise InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=line)
@@ -42,6 +51,12 @@ def validate(rec: dict, *, path: str | os.PathLike | None = None, line: int | No
         if v is not None and not isinstance(v, str):
             raise InputError(f"expected a string, got {type(v).__name__}", path=path, line=line, field=f)
         out[f] = v
+    for f in require:
+        if out.get(f) is None:
+            raise InputError("missing", path=path, line=line, field=f)
+    for f in ("subject", "relation"):
+        if out[f] is not None and not out[f].strip():
+            raise InputError("must not be empty", path=path, line=line, field=f)
     triple = [out["subject"], out["relation"], out["object"]]
     if any(t is not None for t in triple) and (out["subject"] is None or out["relation"] is None):
         missing = "subject" if out["subject"] is None else "relation"

@@ -5,10 +5,17 @@ Layout of a bank directory::
     bank.sqlite        entries, aliases, the edit log, the vector-cache map, meta (format version, bank version)
     vectors/*.f32      derived float32 vectors, one file per encoder fingerprint (see memlm.bank.vectors)
     indexes/<name>/    derived search indexes (see memlm.index)
+    derived/<name>/    other derived stores, e.g. a memory design's per-entry artifacts (memlm.bank.artifacts)
 
 Why SQLite/WAL: every edit is one transaction, so a crash (even ``kill -9``) leaves the last committed
 state; readers keep a consistent snapshot while a writer works; no server to run. ``synchronous=NORMAL``
 survives a process crash; pass ``durable=True`` for fsync on every commit (power loss).
+
+Erasure (``delete(..., purge=True)``): ``secure_delete`` is set on every connection, so SQLite zeroes freed
+record space instead of leaving it in free pages (stock SQLite compiles it off); after the commit the WAL is
+checkpointed with TRUNCATE, cached vectors are zeroed and every derived store is rewritten without the
+entries (memlm.bank.derived). A reader holding an older snapshot blocks the checkpoint: the bank then leaves
+the marker file ``erasure-pending`` and finishes the checkpoint when a bank is next closed or opened.
 
 Versions: the bank version increases by one per committed transaction (one ``add_many`` = one version).
 The log stores each edited entry's previous content, so ``history`` and ``rollback`` need no snapshot.
@@ -25,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from memlm.bank.entry import CONTENT_FIELDS, Entry, content_hash, lookup_key, normalise
@@ -33,6 +41,7 @@ from memlm.errors import InputError, MemlmError
 
 FORMAT_VERSION = 1
 DB_NAME = "bank.sqlite"
+PENDING = "erasure-pending"  # marker: a purge committed but its WAL checkpoint was blocked by a reader
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,6 +96,7 @@ def _connect(db: Path, *, readonly: bool = False, durable: bool = False) -> sqli
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly one edit.
     con = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0, check_same_thread=False)
     con.execute("PRAGMA busy_timeout=30000")
+    con.execute("PRAGMA secure_delete=ON")  # freed record space is zeroed, so purged text leaves the file
     if not readonly:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -122,6 +132,7 @@ class MemoryBank:
         tmp = path / (DB_NAME + ".creating")
         tmp.unlink(missing_ok=True)
         con = sqlite3.connect(tmp, isolation_level=None)
+        con.execute("PRAGMA secure_delete=ON")
         con.executescript(_SCHEMA)
         now = time.time()
         meta = {
@@ -154,10 +165,41 @@ class MemoryBank:
             raise BankError(
                 f"{db}: written by a newer memlm (bank format {fmt}, this memlm reads <= {FORMAT_VERSION})"
             )
-        return cls(path, con, readonly=readonly)
+        bank = cls(path, con, readonly=readonly)
+        bank.finish_erasure()
+        return bank
 
     def close(self) -> None:
         self._con.close()
+        self.finish_erasure()
+
+    @property
+    def erasure_pending(self) -> bool:
+        """True while a purge's text may still sit in ``bank.sqlite-wal`` (a reader blocked the checkpoint)."""
+        return (self.path / PENDING).exists()
+
+    def finish_erasure(self, *, wait_s: float = 0.0) -> bool:
+        """Checkpoint the WAL into the database and truncate it, if a purge left that pending.
+
+        Returns True when nothing is pending any more. Needs no open transaction anywhere on an older
+        snapshot; waits at most ``wait_s`` for one to end. Works from a read-only bank too (it opens its own
+        short read-write connection), so the reader that blocked a purge completes it when it closes.
+        """
+        if not self.erasure_pending:
+            return True
+        try:
+            con = sqlite3.connect(self.path / DB_NAME, isolation_level=None, timeout=wait_s)
+            try:
+                con.execute(f"PRAGMA busy_timeout={int(wait_s * 1000)}")
+                busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:  # locked or read-only file system: leave it for the next open
+            return False
+        if busy:
+            return False
+        (self.path / PENDING).unlink(missing_ok=True)
+        return True
 
     def __enter__(self) -> MemoryBank:
         return self
@@ -269,14 +311,24 @@ class MemoryBank:
             self._con.execute("SELECT namespace, COUNT(*) FROM entries GROUP BY namespace ORDER BY namespace")
         )
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A separate read-only connection inside one read transaction: every query on it sees the bank as
+        it was at its first read, whatever is written meanwhile (streaming readers use it)."""
+        con = _connect(self.path / DB_NAME, readonly=True)
+        try:
+            con.execute("BEGIN")  # the snapshot is taken at the first read and held until COMMIT
+            yield con
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
     def iter_entries(
         self, namespaces: Sequence[str] | None = None, *, batch_size: int = 2000
     ) -> Iterator[Entry]:
         """Stream entries in id order from one consistent snapshot (a separate read transaction),
         so a writer working meanwhile never shows a half-applied edit to this iteration."""
-        con = _connect(self.path / DB_NAME, readonly=True)
-        try:
-            con.execute("BEGIN")  # the snapshot is taken at the first read and held until COMMIT
+        with self.snapshot() as con:
             where = ""
             args: list = []
             if namespaces is not None:
@@ -286,9 +338,6 @@ class MemoryBank:
             reader = MemoryBank(self.path, con, readonly=True)
             while rows := cur.fetchmany(batch_size):
                 yield from reader._entries(rows)
-            con.execute("COMMIT")
-        finally:
-            con.close()
 
     def __iter__(self) -> Iterator[Entry]:
         return self.iter_entries()
@@ -367,6 +416,13 @@ class MemoryBank:
         ``records`` yields dicts with the fields of :meth:`add` (already-validated dicts from
         ``read_jsonl`` pass through). Returns the new ids in input order.
         """
+        import itertools
+
+        records = iter(records)
+        first = next(records, None)
+        if first is None:
+            return []  # nothing to add: no transaction, no new version
+        records = itertools.chain([first], records)
         ids: list[int] = []
         bar = tqdm(desc="add", unit=" entries", disable=not progress)
         with self._write() as version:
@@ -387,8 +443,13 @@ class MemoryBank:
     def import_jsonl(
         self, path: str | os.PathLike, *, namespace: str | None = None, progress: bool = False
     ) -> list[int]:
-        """Import a facts JSONL file in one transaction (an error on any line imports nothing)."""
-        return self.add_many(read_jsonl(path, namespace=namespace), progress=progress)
+        """Import a facts JSONL file in one transaction (an error on any line imports nothing).
+
+        A file without any entry is an error too (as for ``memlm data ingest``): the bank stays unchanged."""
+        ids = self.add_many(read_jsonl(path, namespace=namespace), progress=progress)
+        if not ids:
+            raise InputError("no entries (the file is empty or has only blank lines)", path=path)
+        return ids
 
     def export_jsonl(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None) -> int:
         """Write entries as facts JSONL (with ids), atomically. Returns the number written."""
@@ -449,8 +510,13 @@ class MemoryBank:
         return self.get(entry_id)
 
     def delete(self, ids: int | Sequence[int], *, purge: bool = False) -> int:
-        """Delete entries (one transaction). With ``purge`` their past content is also erased from the log,
-        so not even history or rollback can bring them back. Unknown ids raise, deleting nothing."""
+        """Delete entries (one transaction). Unknown ids raise, deleting nothing.
+
+        A plain delete is reversible: ``history`` keeps the old content and ``rollback`` restores it (use it
+        for corrections). ``purge`` erases the entries for good (right-to-be-forgotten): their past content
+        leaves the log, and then every file of the bank (see the module docstring). Check
+        :attr:`erasure_pending` afterwards: True means a reader still holds the old text in the WAL.
+        """
         ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
         with self._write() as version:
             old = self.get_many(ids)
@@ -462,6 +528,13 @@ class MemoryBank:
                     self._con.execute(
                         f"UPDATE log SET before=NULL WHERE entry_id IN ({','.join('?' * len(part))})", part
                     )
+                # the marker goes first: a crash between here and the checkpoint still finishes it later
+                (self.path / PENDING).touch()
+        if purge:
+            from memlm.bank import derived
+
+            derived.drop_entries(self.path, np.asarray(ids, np.int64))
+            self.finish_erasure(wait_s=2.0)
         return len(ids)
 
     # ---------------------------------------------------------------- history / rollback
@@ -562,7 +635,9 @@ class MemoryBank:
         }  # fmt: skip
 
     def verify(self, *, progress: bool = False) -> list[str]:
-        """Check database, vector arrays and saved indexes against each other. Returns problems ([] = healthy)."""
+        """Check database, vector arrays and derived stores (those whose code is loaded, e.g. saved indexes
+        once memlm.index is imported) against each other. Returns problems ([] = healthy)."""
+        from memlm.bank.derived import verify_stores
         from memlm.bank.vectors import verify_vectors
 
         problems: list[str] = []
@@ -600,9 +675,11 @@ class MemoryBank:
             if n:
                 problems.append(f"{n} {what}")
         problems += verify_vectors(self)
-        from memlm.index.retriever import verify_indexes
-
-        problems += verify_indexes(self)
+        problems += verify_stores(self)
+        if self.erasure_pending:
+            problems.append(
+                f"{self.path / PENDING}: a purge is not complete (a reader blocked the WAL checkpoint)"
+            )
         return problems
 
     # ---------------------------------------------------------------- internals for memlm.bank.vectors / index

@@ -145,11 +145,7 @@ class VectorCache:
         self, namespaces: Sequence[str] | None = None, *, batch_size: int = 65536
     ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
         """Yield (ids (B,) int64, vectors (B, dim) float32, namespaces) for every synced entry, in id order."""
-        from memlm.bank.store import DB_NAME, _connect
-
-        con = _connect(self.bank.path / DB_NAME, readonly=True)
-        try:
-            con.execute("BEGIN")
+        with self.bank.snapshot() as con:
             where, args = "", [self.fingerprint]
             if namespaces is not None:
                 where = f"AND e.namespace IN ({','.join('?' * len(namespaces))})"
@@ -164,9 +160,6 @@ class VectorCache:
                 ids = np.fromiter((r[0] for r in batch), np.int64, len(batch))
                 rows = np.fromiter((r[2] for r in batch), np.int64, len(batch))
                 yield ids, np.asarray(arr[rows], dtype=np.float32), [r[1] for r in batch]
-            con.execute("COMMIT")
-        finally:
-            con.close()
 
     def count(self) -> int:
         q = "SELECT COUNT(*) FROM vectors v JOIN entries e ON e.id=v.entry_id WHERE v.fingerprint=? AND v.content_hash=e.content_hash"

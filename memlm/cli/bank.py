@@ -43,7 +43,10 @@ def register(subparsers) -> None:
 
     sp = cmd("delete", "delete entries", _delete)
     sp.add_argument("ids", type=int, nargs="+")
-    sp.add_argument("--purge", action="store_true", help="also erase their past content from the edit log")
+    sp.add_argument(
+        "--purge", action="store_true",
+        help="erase for good (right to be forgotten): history, rollback, vectors, indexes and every file byte",
+    )  # fmt: skip
 
     sp = cmd("show", "print entries as JSON", _show)
     sp.add_argument("ids", type=int, nargs="+")
@@ -72,6 +75,7 @@ def register(subparsers) -> None:
     sp.add_argument("version", type=int)
 
     cmd("verify", "check database, vectors and indexes against each other (exit 1 on problems)", _verify)
+    cmd("checkpoint", "finish an erasure a reader had blocked (exit 1 while still blocked)", _checkpoint)
     cmd("stats", "counts and sizes as JSON", _stats)
 
 
@@ -110,15 +114,28 @@ def _create(args) -> None:
 
 
 def _import(args) -> None:
+    import shutil
     from pathlib import Path
 
     from memlm.bank import MemoryBank
 
-    if args.create and not (Path(args.bank) / "bank.sqlite").exists():
-        MemoryBank.create(args.bank).close()
-    with _open(args) as bank:
-        ids = bank.import_jsonl(args.file, namespace=args.namespace, progress=sys.stderr.isatty())
-        print(f"imported {len(ids)} entries into {args.bank} (version {bank.version})")
+    path = Path(args.bank)
+    create = args.create and not (path / "bank.sqlite").exists()
+    existed = path.exists()
+    if create:
+        MemoryBank.create(path).close()
+    try:
+        with _open(args) as bank:
+            ids = bank.import_jsonl(args.file, namespace=args.namespace, progress=sys.stderr.isatty())
+            print(f"imported {len(ids)} entries into {args.bank} (version {bank.version})")
+    except BaseException:
+        if create:  # a refused import leaves no trace: not even the empty bank it was to fill
+            if existed:
+                for child in path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _export(args) -> None:
@@ -144,9 +161,18 @@ def _edit(args) -> None:
 
 
 def _delete(args) -> None:
+    if args.purge:
+        import memlm.index  # noqa: F401  (registers saved indexes, so purge rewrites them instead of deleting)
     with _open(args) as bank:
         n = bank.delete(args.ids, purge=args.purge)
-    print(f"deleted {n} entries")
+        pending = bank.erasure_pending
+    if not args.purge:
+        print(f"deleted {n} entries (reversible: history and rollback keep them; --purge erases for good)")
+    elif pending:
+        print(f"purged {n} entries; erasure pending: another process is reading {args.bank}, so the old text "
+              "stays in bank.sqlite-wal until that reader closes the bank (it then completes the erasure)")  # fmt: skip
+    else:
+        print(f"purged {n} entries: their text is gone from every file of {args.bank}")
 
 
 def _show(args) -> None:
@@ -157,18 +183,14 @@ def _show(args) -> None:
 
 def _search(args) -> None:
     from memlm.encode import load_encoder
-    from memlm.index import IndexFileError, Retriever
+    from memlm.index import Retriever
 
     with _open(args) as bank:
         encoder = load_encoder(args.encoder or bank.default_encoder)
-        name = f"{args.index}-{encoder.fingerprint.split(':')[0]}"
-        try:
-            retriever = Retriever.open(bank, encoder, name=name)
-        except IndexFileError:
-            retriever = Retriever.build(bank, encoder, kind=args.index, progress=sys.stderr.isatty())
+        retriever = Retriever.open_or_build(bank, encoder, kind=args.index, progress=sys.stderr.isatty())
         hits = retriever.search_entries(args.query, k=args.k, namespaces=args.namespace)
         if retriever.dirty:
-            retriever.save(name)  # keep the built/refreshed index for the next call
+            retriever.save(retriever.name)  # keep the refreshed index for the next call
     for q, row in zip(args.query, hits):
         if len(args.query) > 1:
             print(f"# {q}")
@@ -202,7 +224,16 @@ def _rollback(args) -> None:
         print(f"rolled back to version {args.version}: {n} entries changed (now version {bank.version})")
 
 
+def _checkpoint(args) -> int:
+    with _open(args) as bank:
+        done = bank.finish_erasure(wait_s=5.0)
+    print("no erasure pending" if done else "still blocked by a reader; run again when it has finished")
+    return 0 if done else 1
+
+
 def _verify(args) -> int:
+    import memlm.index  # noqa: F401  (registers the saved-index checks)
+
     with _open(args, readonly=True) as bank:
         problems = bank.verify(progress=sys.stderr.isatty())
     for p in problems:

@@ -5,6 +5,8 @@ One JSON object per line, keys sorted::
     {"subject": str, "relation": str, "object": str, "text": str,
      "namespace": str?, "source": str?, "aliases": [str]?}
 
+Field rules (types, empty values, unknown keys refused) are the bank's: :func:`memlm.bank.records.validate`.
+
 ``text`` is one human-readable sentence stating the fact. A fact's ``fact_id`` is its 0-based line index;
 QA, edit and deletion records refer to facts by it (and by ``(subject, relation)``, which is unique).
 """
@@ -16,6 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from memlm.bank.records import validate
 from memlm.errors import InputError
 from memlm.utils.jsonl import iter_jsonl
 
@@ -23,7 +26,6 @@ _ENCODER = json.JSONEncoder(
     ensure_ascii=False, sort_keys=True
 )  # one encoder: cheaper than json.dumps per line
 REQUIRED = ("subject", "relation", "object", "text")
-OPTIONAL_STR = ("namespace", "source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,32 +56,11 @@ class Fact:
 
 
 def fact_from_obj(obj, *, path: str | os.PathLike | None = None, line: int | None = None) -> Fact:
-    """Validate one decoded JSON value as a fact; errors name the path, line and field."""
-    if not isinstance(obj, dict):
-        raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
-    for key in REQUIRED:
-        if key not in obj:
-            raise InputError("missing", path=path, line=line, field=key)
-    for key in REQUIRED + OPTIONAL_STR:
-        if key in obj and not isinstance(obj[key], str):
-            raise InputError(
-                f"expected a string, got {type(obj[key]).__name__}", path=path, line=line, field=key
-            )
-    for key in ("subject", "relation", "text"):
-        if not obj[key].strip():
-            raise InputError("must not be empty", path=path, line=line, field=key)
-    aliases = obj.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-        raise InputError("expected a list of strings", path=path, line=line, field="aliases")
-    return Fact(
-        obj["subject"],
-        obj["relation"],
-        obj["object"],
-        obj["text"],
-        obj.get("namespace"),
-        obj.get("source"),
-        tuple(aliases),
-    )
+    """Validate one decoded JSON value as a fact (the bank's rules, :func:`memlm.bank.records.validate`,
+    with the whole triple and the text required); errors name the path, line and field."""
+    rec = validate(obj, path=path, line=line, require=REQUIRED)
+    return Fact(rec["subject"], rec["relation"], rec["object"], rec["text"], obj.get("namespace"),
+                rec["source"], rec["aliases"])  # fmt: skip
 
 
 def iter_facts(path: str | os.PathLike) -> Iterator[Fact]:

@@ -7,15 +7,13 @@ Kinds: exact (torch, the reference), faiss (Flat / IVF / HNSW / PQ), pk (product
 lexical lookup for LMLM. :class:`Retriever` keeps an index in step with a bank's edits.
 """
 
-from memlm.index.base import IndexFileError, ShardedIndex, VectorIndex, load_index
+from memlm.index.base import IndexFileError, ShardedIndex, VectorIndex
 from memlm.index.exact import ExactIndex
 from memlm.index.faiss_index import FaissIndex
+from memlm.index.kinds import KINDS, load_index
+from memlm.index.lexical import LexicalIndex, Lookup
 from memlm.index.product_keys import ProductKeyIndex
-
-KINDS: dict[str, type[ShardedIndex]] = {"exact": ExactIndex, "faiss": FaissIndex, "pk": ProductKeyIndex}
-
-from memlm.index.lexical import LexicalIndex, Lookup  # noqa: E402
-from memlm.index.retriever import Hit, Retriever  # noqa: E402
+from memlm.index.retriever import Hit, Retriever
 
 __all__ = [
     "KINDS", "ExactIndex", "FaissIndex", "Hit", "IndexFileError", "LexicalIndex", "Lookup", "ProductKeyIndex",

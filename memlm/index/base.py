@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -71,6 +70,12 @@ def merge_topk(
     """Combine per-shard (scores, ids) into the global top-k, padded with (-inf, -1)."""
     if not parts:
         return np.full((batch, k), -np.inf, np.float32), np.full((batch, k), -1, np.int64)
+    if len(parts) == 1 and parts[0][1].shape[1] == k:
+        # one shard (the common case): its rows are already sorted best first, so only mark the padding
+        scores, ids = parts[0]
+        return np.where(ids < 0, -np.inf, scores).astype(np.float32, copy=False), ids.astype(
+            np.int64, copy=False
+        )
     scores = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
@@ -186,36 +191,3 @@ class ShardedIndex:
     @classmethod
     def _from_manifest(cls, manifest: dict) -> ShardedIndex:
         return cls(dim=manifest["dim"], **manifest["params"])
-
-
-def load_index(path: str | os.PathLike) -> ShardedIndex:
-    """Load any saved index folder (the manifest names its kind); corrupt files raise IndexFileError."""
-    from memlm.index import KINDS
-
-    path = Path(path)
-    mf = path / "manifest.json"
-    try:
-        manifest = json.loads(mf.read_text())
-        kind, fmt = manifest["kind"], manifest["format_version"]
-    except FileNotFoundError:
-        raise IndexFileError(f"{path}: not an index folder (no manifest.json)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise IndexFileError(f"{mf}: corrupt manifest ({e})") from None
-    if fmt > INDEX_FORMAT_VERSION:
-        raise IndexFileError(f"{mf}: written by a newer memlm (index format {fmt} > {INDEX_FORMAT_VERSION})")
-    if kind not in KINDS:
-        raise IndexFileError(f"{mf}: unknown index kind {kind!r} (known: {', '.join(KINDS)})")
-    index = KINDS[kind]._from_manifest(manifest)
-    index.meta = manifest.get("meta", {})
-    for ns, sub in manifest["shards"].items():
-        try:
-            index.shards[ns] = index._load_shard(path / sub)
-        except IndexFileError:
-            raise
-        except Exception as e:  # faiss/safetensors raise assorted types on a damaged file
-            raise IndexFileError(f"{path / sub}: corrupt index shard ({type(e).__name__}: {e})") from None
-    return index
-
-
-def remove_index(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -6,6 +6,12 @@ entries' halves, so an entry's cell (c1, c2) is derived from its content, and an
 half, their cartesian product ranked by the sum of half scores, the best ``n_cells`` cells gathered, and their
 entries rescored exactly with the full vectors.
 
+The codebooks follow the bank: they are learned again (and every entry re-placed) once the rows added since
+they were learned outnumber the rows they were learned on — the shard has doubled (K grows by sqrt 2), or as
+many entries were edited or replaced as it held. Without this, a bank grown from one entry would stay one cell
+(brute force) forever, and a drifted one would crowd its new content into a few cells. Each re-learning
+costs O(N) and happens after O(N) adds, so O(1) per add amortised.
+
 Cells are found through a sorted cell array plus a small unsorted tail of recent adds, merged when it grows,
 so a single edit costs O(tail), not a re-sort of the whole shard.
 """
@@ -53,6 +59,8 @@ class ProductKeyShard:
         self._n = 0  # rows in use; [0, n_sorted) are ordered by cell, [n_sorted, n) is the unsorted tail
         self._n_sorted = 0
         self._count = 0
+        self.learned_on = 0  # live rows when the codebooks were learned
+        self.added_since = 0  # rows added since then (new entries and edits alike)
 
     @property
     def n_keys(self) -> int:
@@ -66,10 +74,23 @@ class ProductKeyShard:
         b = np.argmax(v[:, self.h :] @ self.c2.T, axis=1)
         return a.astype(np.int64) * self.n_keys + b
 
+    def _learn(self, vectors: np.ndarray) -> None:
+        k = max(1, math.ceil(math.sqrt(len(vectors) / self.cell_size)))
+        self.c1, self.c2 = _kmeans(vectors[:, : self.h], k), _kmeans(vectors[:, self.h :], k, seed=1)
+        self.learned_on, self.added_since = len(vectors), 0
+
+    def relearn(self) -> None:
+        """Learn both codebooks again from the live entries and re-place every entry (see module docstring)."""
+        self._sort()  # drops dead rows: [0, n) are live
+        if self._n:
+            self._learn(self._vecs[: self._n])
+            self._cells[: self._n] = self._cells_of(self._vecs[: self._n])
+            self._n_sorted = 0
+            self._sort()
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if self.c1 is None:
-            k = max(1, math.ceil(math.sqrt(len(vectors) / self.cell_size)))
-            self.c1, self.c2 = _kmeans(vectors[:, : self.h], k), _kmeans(vectors[:, self.h :], k, seed=1)
+            self._learn(vectors)
         n, m = self._n, len(ids)
         if n + m > len(self._ids):  # capacity doubling: one edit must not copy the whole shard
             cap = max(n + m, 2 * len(self._ids))
@@ -82,7 +103,10 @@ class ProductKeyShard:
         self._cells[n : n + m], self._alive[n : n + m] = self._cells_of(vectors), True
         self._n += m
         self._count += m
-        if self._n - self._n_sorted > _TAIL_MAX or self._n_sorted == 0:
+        self.added_since += m
+        if self.added_since > self.learned_on:
+            self.relearn()
+        elif self._n - self._n_sorted > _TAIL_MAX or self._n_sorted == 0:
             self._sort()
 
     def _sort(self) -> None:
@@ -140,7 +164,8 @@ class ProductKeyShard:
         from safetensors.torch import save_file
 
         self._sort()  # drops dead rows, so nothing removed is written to disk
-        t = {"ids": self._ids, "vectors": self._vecs, "c1": self.c1, "c2": self.c2}
+        t = {"ids": self._ids, "vectors": self._vecs, "c1": self.c1, "c2": self.c2,
+             "learned": np.array([self.learned_on, self.added_since], np.int64)}  # fmt: skip
         save_file(
             {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}, folder / "pk.safetensors"
         )
@@ -162,6 +187,8 @@ class ProductKeyShard:
         self._n = self._count = len(self._ids)
         self._n_sorted = 0
         self._sort()
+        # files written before codebooks were re-learned: treat them as learned on what they hold
+        self.learned_on, self.added_since = t["learned"].tolist() if "learned" in t else (self._n, 0)
         return self
 
 

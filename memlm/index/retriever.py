@@ -1,6 +1,7 @@
 """Retriever: a bank, an encoder and a vector index kept in step with the bank's edits.
 
-The index records the bank version it reflects. ``refresh()`` (called before every search) reads the ids the
+The index records the bank version it reflects and is saved under ``<bank>/indexes/<name>/``
+(:meth:`Retriever.open_or_build`), so only the first search of a bank builds it. ``refresh()`` (called before every search) reads the ids the
 log says changed since then, re-encodes only those (the vector cache is keyed by content hash), removes
 them from the index and re-adds the ones that still exist. So an edit is visible to the next search, and a
 deleted entry can never be returned. A saved index whose encoder fingerprint differs is rebuilt.
@@ -19,10 +20,16 @@ from memlm.bank.entry import Entry
 from memlm.bank.store import MemoryBank
 from memlm.bank.vectors import VectorCache
 from memlm.encode.base import Encoder
-from memlm.index.base import IndexFileError, ShardedIndex, load_index
+from memlm.index.base import IndexFileError, ShardedIndex
+from memlm.index.kinds import KINDS, load_index
 
 # Past this fraction of the bank changed, re-adding everything is cheaper than incremental edits.
 _REBUILD_FRACTION = 0.3
+# Grown past this factor since its build (plus _GROWTH_SLACK entries), an index is rebuilt from the bank: what
+# it learned at its build (IVF centroids, PQ codebooks, or no training at all when the bank was too small for
+# it, so "Flat") describes a bank it no longer is. O(N) after O(N) adds: O(1) per add, amortised.
+_GROWTH = 2.0
+_GROWTH_SLACK = 1000
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,12 @@ def index_dir(bank: MemoryBank, name: str) -> Path:
     return bank.path / "indexes" / name
 
 
+def default_name(kind: str, encoder: Encoder, key: str = "text") -> str:
+    """``<kind>-<encoder name>[-<key>]``: one saved index per kind, encoder family and vector key (the exact
+    fingerprint is in its meta, and a saved index of another fingerprint is rebuilt on open)."""
+    return f"{kind}-{encoder.fingerprint.split(':')[0]}" + ("" if key == "text" else f"-{key}")
+
+
 class Retriever:
     """Search a bank by text or vector. ``kind``: "exact" | "faiss" | "pk"; ``params`` go to the index class."""
 
@@ -44,6 +57,8 @@ class Retriever:
             bank, encoder, key=key
         )  # key: what of an entry is encoded (bank.vectors.KEYS)
         self.dirty = False  # the in-memory index differs from what is saved (save() to keep it)
+        self.name: str | None = None  # the saved index this one was opened from or saved as
+        self.rebuilds = 0  # full builds from the bank's vectors done by this object (refresh is incremental)
 
     @classmethod
     def build(
@@ -57,8 +72,6 @@ class Retriever:
         **params,
     ) -> Retriever:
         """Encode what is missing and build the index from every entry's vector (the bank is the source)."""
-        from memlm.index import KINDS
-
         if kind not in KINDS:
             raise IndexFileError(f"unknown index kind {kind!r} (known: {', '.join(KINDS)})")
         index = KINDS[kind](dim=encoder.dim, **params)
@@ -85,7 +98,10 @@ class Retriever:
             "bank_version": version,
             "fingerprint": self.cache.fingerprint,
             "kind": self.index.kind,
+            "built_on": i,  # entries at this build (see _GROWTH)
         }
+        self.dirty = True
+        self.rebuilds += 1
 
     @classmethod
     def open(cls, bank: MemoryBank, encoder: Encoder, *, name: str, key: str = "text") -> Retriever:
@@ -98,12 +114,39 @@ class Retriever:
             self._rebuild()
         else:
             self.refresh()
+        self.name = name
+        return self
+
+    @classmethod
+    def open_or_build(
+        cls,
+        bank: MemoryBank,
+        encoder: Encoder,
+        *,
+        kind: str = "exact",
+        key: str = "text",
+        name: str | None = None,
+        progress: bool = False,
+        **params,
+    ) -> Retriever:
+        """The index saved as ``name`` (default :func:`default_name`), refreshed from the edit log; built and
+        saved if there is none (or it is unreadable). What readers of a bank should call: only the first call
+        pays for a build. A saved index keeps the settings it was built with (``params`` apply to a build);
+        call :meth:`save` after searches to keep the refreshed index (``dirty``)."""
+        name = name or default_name(kind, encoder, key)
+        try:
+            self = cls.open(bank, encoder, name=name, key=key)
+        except IndexFileError:
+            self = cls.build(bank, encoder, kind=kind, key=key, progress=progress, **params)
+            self.name = name
+        if self.dirty and not bank.readonly:
+            self.save(name)
         return self
 
     def save(self, name: str) -> Path:
         path = index_dir(self.bank, name)
         self.index.save(path)
-        self.dirty = False
+        self.dirty, self.name = False, name
         return path
 
     def refresh(self) -> int:
@@ -122,6 +165,9 @@ class Retriever:
         self.index.add(ids, vecs, namespaces, replace=False)
         self.index.meta["bank_version"] = version
         self.dirty = True
+        built_on = self.index.meta.setdefault("built_on", len(self.index))
+        if len(self.index) > _GROWTH * built_on + _GROWTH_SLACK:
+            self._rebuild()
         return len(changed)
 
     def search(
@@ -146,32 +192,3 @@ class Retriever:
              if int(i) in by_id and (allowed is None or by_id[int(i)].namespace in allowed)]
             for srow, irow in zip(scores, ids)
         ]  # fmt: skip
-
-
-def verify_indexes(bank: MemoryBank) -> list[str]:
-    """Each saved index loads, and if it claims to be current its ids equal the entries with vectors."""
-    problems: list[str] = []
-    root = bank.path / "indexes"
-    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
-        try:
-            index = load_index(path)
-        except IndexFileError as e:
-            problems.append(str(e))
-            continue
-        meta = index.meta
-        if meta.get("bank_version") != bank.version:
-            continue  # stale is fine: it is refreshed from the log on next use
-        expect = np.array(
-            [r[0] for r in bank.connection.execute(
-                "SELECT e.id FROM entries e JOIN vectors v ON v.entry_id=e.id "
-                "WHERE v.fingerprint=? AND v.content_hash=e.content_hash ORDER BY e.id", (meta.get("fingerprint"),))],
-            np.int64,
-        )  # fmt: skip
-        got = index.ids()
-        if not np.array_equal(got, expect):
-            extra = np.setdiff1d(got, expect)
-            problems.append(
-                f"{path}: index holds {len(got)} ids, bank has {len(expect)} current vectors"
-                + (f"; e.g. id {extra[0]} is not (or no longer) in the bank" if len(extra) else "")
-            )
-    return problems

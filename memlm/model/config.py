@@ -35,6 +35,16 @@ class ModelConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_multiple_of"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise ConfigError(f"model.n_kv_head must be >= 1, got {self.n_kv_head}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_embd % self.n_head:

@@ -121,8 +121,10 @@ class Trainer:
         model.to(device)
         optimizer = build_optimizer(model, tc)
         reader, memory = self._reader(model, tokenizer)
-        if reader is not None and info.is_main:
-            reader.prepare_training(train_ds.texts(range(len(train_ds))), progress=tc.progress)
+        if reader is not None:  # e.g. RAG retrieves for every training document once, here
+            reader.prepare_training(
+                train_ds.texts(range(len(train_ds))), progress=tc.progress and info.is_main
+            )
 
         size = train_ds.n_tokens if isinstance(train_ds, PackedDataset) else len(train_ds)
         trajectory = _trajectory(cfg, info.world_size, tokenizer.fingerprint(), size)
@@ -232,9 +234,8 @@ class Trainer:
         _on_main(info, build)
         has_val = bool(data.val or frac)
         if docs:
-            return DocumentDataset(cache / "docs_train"), DocumentDataset(
-                cache / "docs_val"
-            ) if has_val else None
+            val_docs = DocumentDataset(cache / "docs_val") if has_val else None
+            return DocumentDataset(cache / "docs_train"), val_docs
         train_ds = PackedDataset(cache / "train", data.seq_len)
         return train_ds, PackedDataset(cache / "val", data.seq_len) if has_val else None
 

@@ -33,11 +33,28 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import MemoryDesign
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
 from memlm.model.memory.registry import register_memory_design
-from memlm.tokenizer import MEM
+from memlm.tokenizer import MEM, SPECIAL_TOKENS
 
 _SENTENCE_END = re.compile(r"[.?!](?=\s|$)|\n")
 _INITIAL = re.compile(r"(?:\w\.)*[A-Z]")  # "L" of "Ada L. Byron", "U.S" of "U.S."
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "inc", "ltd", "co", "e.g", "i.e"}
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "no",
+    "inc",
+    "ltd",
+    "co",
+    "e.g",
+    "i.e",
+}
 
 
 @dataclass
@@ -52,6 +69,12 @@ class RAGOptions:
     separator: str = "\n"  # after each entry
     query_chars: int = 512  # a training query is at most this long (its first sentence or line)
     swap_prob: float = 0.0  # training: share of retrieved triples whose object is swapped (see module doc)
+    # Training only, teacher-forced retrieval: of the top `train_pick` hits, read the k whose object the
+    # document's continuation names (the data knows what a sample needs; ExplicitLM's gold retrieval loss plays
+    # the same role). A model that always finds the right fact learns to read it, not to second-guess it from
+    # the question's wording. 0: off (train on plain top-k).
+    train_pick: int = 0
+    query_noise: float = 0.0  # training: share of query tokens replaced by random ones (answer from memory)
 
     def __post_init__(self) -> None:
         from memlm.index import KINDS
@@ -66,10 +89,22 @@ class RAGOptions:
             raise ConfigError(
                 f"model.memory_options.index must be one of {sorted(KINDS)}, got {self.index!r}"
             )
-        if not 0.0 <= self.swap_prob <= 1.0:
-            raise ConfigError(f"model.memory_options.swap_prob must be in [0, 1], got {self.swap_prob}")
+        for name in ("swap_prob", "query_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.train_pick and self.train_pick < self.k:
+            raise ConfigError(f"model.memory_options.train_pick must be 0 or >= k={self.k}")
         if self.entry_tokens < 1 or self.query_chars < 1:
             raise ConfigError("model.memory_options.entry_tokens and query_chars must be >= 1")
+
+
+def _whole_words(values: Sequence[str]) -> re.Pattern:
+    """Any of ``values`` as whole words: "Law" must not match inside "Lawrence"."""
+    return re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in values) + r")(?!\w)")
+
+
+def _names(text: str, value: str) -> bool:
+    return _whole_words([value]).search(text) is not None
 
 
 def query_text(text: str, max_chars: int = 512) -> str:
@@ -107,10 +142,7 @@ def swap_objects(
             subs[e.object] = new
     if not subs:
         return text, [e.text for e in entries]
-    # Whole words only ("Law" must not change "Lawrence"); longest first so "New York City" wins.
-    pattern = re.compile(
-        r"(?<!\w)(" + "|".join(re.escape(s) for s in sorted(subs, key=len, reverse=True)) + r")(?!\w)"
-    )
+    pattern = _whole_words(sorted(subs, key=len, reverse=True))  # longest first: "New York City" wins
     sub = lambda s: pattern.sub(lambda m: subs[m.group(1)], s)  # noqa: E731
     return sub(text), [sub(e.text) for e in entries]
 
@@ -158,19 +190,24 @@ class RAGReader(MemoryReader):
             from memlm.index import Retriever
 
             o = self.options
-            self._retriever = Retriever.build(
-                self.bank, load_encoder(o.encoder), kind=o.index, key=o.key, progress=True, **o.index_params
+            big = self.bank.count() >= 20_000  # a progress bar where encoding takes a while
+            # The index saved in the bank (refreshed from its edit log) when there is one: only the first
+            # reader of a bank pays for the build.
+            self._retriever = Retriever.open_or_build(
+                self.bank, load_encoder(o.encoder), kind=o.index, key=o.key, progress=big, **o.index_params
             )
         return self._retriever
 
     def refresh(self) -> int:
         return self.retriever.refresh()
 
-    def search(self, queries: Sequence[str]) -> tuple[list[list[int]], list[list[float]]]:
+    def search(
+        self, queries: Sequence[str], k: int | None = None
+    ) -> tuple[list[list[int]], list[list[float]]]:
         """Top-k entry ids (best first) and scores per query; -1 padding dropped."""
         if not queries:
             return [], []
-        scores, ids = self.retriever.search(list(queries), self.options.k, self.namespaces)
+        scores, ids = self.retriever.search(list(queries), k or self.options.k, self.namespaces)
         keep = ids >= 0
         return (
             [row[m].tolist() for row, m in zip(ids, keep)],
@@ -216,9 +253,23 @@ class RAGReader(MemoryReader):
         bar = tqdm(total=len(queries), desc="rag: retrieve for training", unit=" docs", disable=not progress)
         for i in range(0, len(queries), 512):
             part = queries[i : i + 512]
-            self._train_hits.update(zip(part, self.search(part)[0]))
+            self._train_hits.update(zip(part, self.search(part, self._train_k)[0]))
             bar.update(len(part))
         bar.close()
+
+    @property
+    def _train_k(self) -> int:
+        return max(self.options.k, self.options.train_pick)
+
+    def _pick(self, hits: list[int], continuation: str) -> list:
+        """The k entries a training sample reads: with ``train_pick``, those of the hits whose object the
+        continuation names come first (in rank order), the best other hits fill up."""
+        entries = self._entries(hits)
+        k = self.options.k
+        if not self.options.train_pick:
+            return entries[:k]
+        named = [e for e in entries if e.object and _names(continuation, e.object)]
+        return (named + [e for e in entries if e not in named])[:k]
 
     def train_batch(
         self, texts: Sequence[str], *, rng: random.Random | None = None, train: bool = True
@@ -226,11 +277,15 @@ class RAGReader(MemoryReader):
         queries = [query_text(t, self.options.query_chars) for t in texts]
         missing = [q for q in dict.fromkeys(queries) if q not in self._train_hits]
         if missing:
-            self._train_hits.update(zip(missing, self.search(missing)[0]))
-        swap = self.options.swap_prob if train and rng is not None else 0.0
+            self._train_hits.update(zip(missing, self.search(missing, self._train_k)[0]))
+        augment = train and rng is not None
+        swap = self.options.swap_prob if augment else 0.0
         rows, loss_from, query_len, used = [], [], [], []
         for text, query in zip(texts, queries):
-            entries = self._entries(self._train_hits[query])
+            hits = self._train_hits[query]
+            entries = (
+                self._pick(hits, text[len(query) :]) if augment else self._entries(hits[: self.options.k])
+            )
             entry_texts = None
             if swap > 0:
                 if self._pools is None:
@@ -239,9 +294,16 @@ class RAGReader(MemoryReader):
                 query = query_text(text, self.options.query_chars)
             memory = self.memory_tokens(entries, entry_texts)
             q = self.tokenizer.encode(query)
+            if augment and self.options.query_noise > 0:
+                q = [self._noise(t, rng) for t in q]
             rest = self.tokenizer.encode(text[len(query) :]) + [self.tokenizer.eos_id]
             rows.append(memory + q + rest)
             loss_from.append(len(memory) + len(q))
             query_len.append(len(memory) + len(q))
             used.append([e.id for e in entries])
         return self.collate(rows, loss_from, query_len=query_len, used=used)
+
+    def _noise(self, token: int, rng: random.Random) -> int:
+        if rng.random() >= self.options.query_noise:
+            return token
+        return rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)  # never a special token

@@ -1,0 +1,384 @@
+"""``memlm experiment``: every memory design on the same data, backbone and budget, in one resumable run.
+
+The experiment is a set of cells, each written atomically under ``out_dir`` and skipped once done, so a killed
+experiment goes on where it stopped and never retrains a finished cell (a half-trained cell resumes from its
+last checkpoint)::
+
+    data/<bench>/                       the benchmark (bios or geo), as `memlm data` writes it
+    banks/<bench>/                      its facts in a bank, vectors encoded
+    banks/<bench>_x<m>/                 the same bank padded with distractor entities to m x the entries
+    runs/<bench>/<design>/<corpus>/     a training run (corpus: train = the seen half; low_P = P% of entities)
+    cells/<bench>/<design>/<corpus>.json    its evaluation; cells/<bench>/<design>/bank_x<m>.json
+    results.json, report.md, plots/*.png
+
+Per (benchmark, design): EM on seen and unseen people, hit rate, EM given hit / miss, edits, deletion leak,
+perplexity of held-out documents (about unseen entities), decode tokens/s; the low-data sweep (EM on every
+entity when the training text covers P% of them, and the ratio to dense); the bank-size sweep (the same
+questions with the bank padded by distractors: EM and retrieval latency).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memlm.errors import ConfigError
+from memlm.utils.io import atomic_path, write_json
+
+MAIN = "train"  # the main corpus: text about the seen half of the entities
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str = "bios"  # bios | geo
+    people: int = 1000  # bios: entities
+    max_cities: int | None = 2000  # geo: the most populous cities kept (countries are always all kept)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("bios", "geo"):
+            raise ConfigError(f"benchmarks[].name must be bios or geo, got {self.name!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    out_dir: str = "runs/experiment"
+    benchmarks: list[BenchmarkSpec] = field(default_factory=lambda: [BenchmarkSpec()])
+    designs: list[str] = field(default_factory=lambda: ["none", "rag"])  # registry keys; "none" = dense
+    design_options: dict[str, Any] = field(default_factory=dict)  # design -> its model.memory_options
+    model: dict[str, Any] = field(default_factory=dict)  # backbone fields shared by every design
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every design
+    low_data: list[int] = field(default_factory=lambda: [1, 10, 100])  # % of entities the corpus covers
+    bank_sizes: list[int] = field(default_factory=lambda: [10, 100])  # bank padded to m x its entries
+    eval_questions: int = 600  # per split, a seeded sample (0: every question)
+    max_new_tokens: int = 16
+    decode_prompts: int = 64  # decode speed: prompts x 32 new tokens at batch 16
+    encoder: str = "minilm"  # the banks' encoder (retrieval of the designs that search by text)
+
+    def __post_init__(self) -> None:
+        if not self.designs or "none" not in self.designs:
+            raise ConfigError("designs must include 'none' (the dense baseline every ratio is taken against)")
+        if any(p <= 0 or p > 100 for p in self.low_data):
+            raise ConfigError("low_data percentages must be in (0, 100]")
+        if any(m < 1 for m in self.bank_sizes):
+            raise ConfigError("bank_sizes are multiples of the bank (>= 1)")
+
+
+def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML (``--key value`` overrides as for ``memlm train``); errors name the file."""
+    import yaml
+
+    from memlm.config import _set_dotted, from_dict, parse_overrides
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: experiment config not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: invalid YAML ({err})") from None
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    try:
+        return from_dict(ExperimentConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{p}: {err}") from None
+
+
+class Experiment:
+    def __init__(self, config: ExperimentConfig, *, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        self.root = Path(config.out_dir)
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    # ---- the whole thing -------------------------------------------------------------------------
+    def run(self) -> dict:
+        from memlm.model.memory import list_memory_designs
+
+        cfg = self.config
+        known = set(list_memory_designs())
+        designs = [d for d in cfg.designs if d in known]
+        skipped = [d for d in cfg.designs if d not in known]
+        for d in skipped:
+            self.log(f"design {d!r} is not registered in this memlm: left out of this run")
+        for bench in cfg.benchmarks:
+            data, bank = self.data(bench), self.bank(bench)
+            for design in designs:
+                for corpus in [MAIN] + [f"low_{p}" for p in cfg.low_data]:
+                    run = self.train(bench, design, corpus, data, bank)
+                    self.evaluate(bench, design, corpus, run, data)
+            for m in cfg.bank_sizes:
+                padded = self.padded_bank(bench, m)
+                for design in designs:
+                    if design != "none":
+                        self.evaluate_bank_size(bench, design, m, padded, data)
+        results = self.collect(designs, skipped)
+        write_json(self.root / "results.json", results)
+        from memlm.eval.report import write_report
+
+        path = write_report(results, self.root)
+        self.log(f"report: {path}")
+        return results
+
+    # ---- data and banks --------------------------------------------------------------------------
+    def data(self, bench: BenchmarkSpec) -> Path:
+        out = self.root / "data" / bench.name
+        if (out / "meta.json").is_file():
+            return out
+        self.log(f"data: {bench.name}")
+        _generate(bench, out)
+        return out
+
+    def bank(self, bench: BenchmarkSpec) -> Path:
+        out = self.root / "banks" / bench.name
+        if (out / "READY").is_file():
+            return out
+        self.log(f"bank: {bench.name} (import + encode)")
+        _build_bank(self.data(bench) / "facts.jsonl", out, self.config.encoder, progress=self.progress)
+        return out
+
+    def padded_bank(self, bench: BenchmarkSpec, m: int) -> Path:
+        """The bank plus distractor entities (others than the benchmark's) up to m x its entries."""
+        out = self.root / "banks" / f"{bench.name}_x{m}"
+        if (out / "READY").is_file():
+            return out
+        self.log(f"bank: {bench.name} padded to {m}x with distractors")
+        base = self.bank(bench)
+        facts = self.data(bench) / "facts.jsonl"
+        n = sum(1 for _ in facts.open(encoding="utf-8"))
+        subjects = {json.loads(line)["subject"] for line in facts.open(encoding="utf-8")}
+        scratch = self.root / "scratch" / f"{bench.name}_distractors_x{m}"
+        _generate(_distractor_spec(bench, n * m), scratch)
+        extra = [
+            json.loads(line)
+            for line in (scratch / "facts.jsonl").open(encoding="utf-8")
+            if json.loads(line)["subject"] not in subjects
+        ][: n * (m - 1)]
+        with atomic_path(out) as tmp:
+            shutil.copytree(base, tmp)
+            (tmp / "READY").unlink()
+            from memlm.bank.store import MemoryBank
+
+            with MemoryBank.open(tmp) as b:
+                b.add_many(extra, progress=self.progress)
+            _encode(tmp, self.config.encoder, progress=self.progress)
+            (tmp / "READY").write_text("ok\n")
+        shutil.rmtree(scratch, ignore_errors=True)
+        return out
+
+    # ---- training --------------------------------------------------------------------------------
+    def run_config(self, bench: BenchmarkSpec, design: str, corpus: str, data: Path, bank: Path):
+        from memlm.config import RunConfig, from_dict
+        from memlm.model.memory import get_memory_design
+
+        cfg = self.config
+        d = get_memory_design(design)
+        suffix = _suffix(design)
+        raw = {
+            "model": {**cfg.model, "memory": design, "memory_options": cfg.design_options.get(design, {})},
+            "data": {
+                "train": [str(data / "corpus" / f"{corpus}{suffix}.jsonl")],
+                "val_fraction": 0.05,
+                "layout": "documents",
+                "bank": str(bank) if d.uses_bank else None,
+                **({"annotation": "lmlm"} if suffix else {}),
+            },
+            "train": {**cfg.train, "progress": self.progress},
+            "out_dir": str(self.root / "runs" / bench.name / design / corpus),
+        }
+        return from_dict(RunConfig, raw)
+
+    def train(self, bench, design: str, corpus: str, data: Path, bank: Path) -> Path:
+        from memlm.train import Trainer
+
+        run_cfg = self.run_config(bench, design, corpus, data, bank)
+        out = Path(run_cfg.out_dir)
+        if (out / "final" / "model.safetensors").is_file():
+            return out / "final"
+        self.log(f"train: {bench.name} / {design} / {corpus}")
+        Trainer(run_cfg).fit(resume=True)
+        return out / "final"
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, bench, design: str, corpus: str, model_dir: Path, data: Path) -> dict:
+        path = self.root / "cells" / bench.name / design / f"{corpus}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        self.log(f"evaluate: {bench.name} / {design} / {corpus}")
+        from memlm.eval.perplexity import perplexity
+        from memlm.eval.qa import load_qa
+        from memlm.eval.speed import decode_tokens_per_s
+        from memlm.eval.update import evaluate_deletions, evaluate_edits
+        from memlm.generate import Generator
+
+        cfg = self.config
+        n = cfg.eval_questions or None
+        cell: dict[str, Any] = {"benchmark": bench.name, "design": design, "corpus": corpus}
+        splits = ("seen", "unseen") if corpus == MAIN else ("all",)
+        with Generator.from_pretrained(model_dir) as gen:
+            for split in splits:
+                records = _sample(load_qa(data, split), n)
+                cell[f"qa_{split}"] = _ask(gen, records, cfg.max_new_tokens).summary()
+            if corpus == MAIN:
+                docs = _heldout_docs(data, n or 10**9, _suffix(design))
+                cell["perplexity_heldout"] = perplexity(gen.model, gen.reader, docs)
+                prompts = [r.prompt for r in load_qa(data, "unseen")[: cfg.decode_prompts]]
+                cell["decode_tok_s_b16"] = decode_tokens_per_s(gen.model, gen.reader, prompts, batch_size=16)
+        if corpus == MAIN and design != "none":
+            kw = dict(limit=n, max_new_tokens=cfg.max_new_tokens)
+            cell["edit"] = _drop_reports(evaluate_edits(model_dir, data, probes=5, **kw))
+            cell["delete"] = _drop_reports(evaluate_deletions(model_dir, data, **kw))
+        write_json(path, cell)
+        return cell
+
+    def evaluate_bank_size(self, bench, design: str, m: int, bank: Path, data: Path) -> dict:
+        path = self.root / "cells" / bench.name / design / f"bank_x{m}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        self.log(f"evaluate: {bench.name} / {design} with the bank at {m}x")
+        from memlm.eval.qa import load_qa
+        from memlm.generate import Generator
+
+        model_dir = Path(self.run_config(bench, design, MAIN, data, bank).out_dir) / "final"
+        records = _sample(load_qa(data, "unseen"), self.config.eval_questions or None)
+        with Generator.from_pretrained(model_dir, bank=bank) as gen:
+            gen.generate([records[0].prompt], max_new_tokens=1)  # build indexes outside the timing
+            t0 = time.perf_counter()
+            report = _ask(gen, records, self.config.max_new_tokens)
+            seconds = time.perf_counter() - t0
+            entries = gen.reader.bank.count()
+        cell = {
+            "qa_unseen": report.summary(),
+            "entries": entries,
+            "seconds_per_question": seconds / len(records),
+        }
+        write_json(path, cell)
+        return cell
+
+    # ---- results ---------------------------------------------------------------------------------
+    def collect(self, designs: list[str], skipped: list[str]) -> dict:
+        cfg = self.config
+        out: dict[str, Any] = {
+            "config": _plain(cfg),
+            "designs": designs,
+            "not_registered": skipped,
+            "benchmarks": {},
+        }
+        for bench in cfg.benchmarks:
+            b: dict[str, Any] = {}
+            for design in designs:
+                cells = self.root / "cells" / bench.name / design
+                b[design] = {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))}
+            out["benchmarks"][bench.name] = b
+        return out
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def _generate(bench: BenchmarkSpec, out: Path) -> None:
+    from memlm.data.benchmark import BenchmarkConfig
+
+    config = BenchmarkConfig(seed=bench.seed, namespace=bench.name)
+    if bench.name == "bios":
+        from memlm.data.bios import BiosConfig, generate_bios
+
+        generate_bios(out, BiosConfig(people=bench.people, seed=bench.seed), config)
+    else:
+        from memlm.data.geo import GeoConfig, generate_geo
+
+        generate_geo(out, GeoConfig(max_cities=bench.max_cities), config)
+
+
+def _distractor_spec(bench: BenchmarkSpec, entries: int) -> BenchmarkSpec:
+    """A benchmark of other entities with about ``entries`` facts: bios people of another seed, or for geo
+    the cities beyond the benchmark's most populous ones."""
+    if bench.name == "bios":
+        return BenchmarkSpec("bios", people=entries // 6 + bench.people + 10, seed=bench.seed + 1000)
+    return BenchmarkSpec("geo", max_cities=(bench.max_cities or 0) + entries // 3 + 10, seed=bench.seed)
+
+
+def _encode(bank_dir: Path, encoder: str, *, progress: bool) -> None:
+    """Encode every entry once (what the designs that search by text will read from the vector cache)."""
+    from memlm.bank.store import MemoryBank
+    from memlm.bank.vectors import VectorCache
+    from memlm.encode import load_encoder
+
+    enc = load_encoder(encoder)
+    with MemoryBank.open(bank_dir) as b:
+        for key in ("about", "text"):
+            VectorCache(b, enc, key=key).sync(progress=progress)
+
+
+def _build_bank(facts: Path, out: Path, encoder: str, *, progress: bool) -> None:
+    from memlm.bank.store import MemoryBank
+
+    with atomic_path(out) as tmp:
+        with MemoryBank.create(tmp, encoder=encoder) as b:
+            b.import_jsonl(facts, progress=progress)
+        _encode(tmp, encoder, progress=progress)
+        (tmp / "READY").write_text("ok\n")
+
+
+def _sample(records: list, n: int | None) -> list:
+    if n is None or n >= len(records):
+        return records
+    return random.Random(0).sample(records, n)
+
+
+def _ask(gen, records, max_new_tokens: int):
+    from memlm.eval.qa import evaluate_qa
+
+    bank = getattr(gen.reader, "bank", None)
+    entry_id = None
+    if bank is not None:
+        from memlm.eval.update import entry_ids_by_key
+
+        keys = sorted({(r.subject, r.relation) for r in records})
+        ids = dict(zip(keys, entry_ids_by_key(bank, [{"subject": s, "relation": r} for s, r in keys])))
+        entry_id = lambda r: ids[(r.subject, r.relation)]  # noqa: E731
+    return evaluate_qa(gen, records, max_new_tokens=max_new_tokens, fact_to_entry_id=entry_id)
+
+
+def _suffix(design: str) -> str:
+    """Corpus variant a design trains on: LMLM reads text annotated with its lookups (``*_lmlm.jsonl``)."""
+    from memlm.model.memory import get_memory_design
+
+    return "_lmlm" if getattr(get_memory_design(design), "annotation", "none") == "lmlm" else ""
+
+
+def _heldout_docs(data: Path, limit: int, suffix: str = "") -> list[str]:
+    """Documents about entities no training corpus of the main run covers (the unseen split)."""
+    unseen = [s for s in (data / "splits" / "unseen.txt").read_text(encoding="utf-8").splitlines() if s]
+    if not unseen:
+        return []
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(unseen, key=len, reverse=True)))
+    docs = []
+    for line in (data / "corpus" / f"low_100{suffix}.jsonl").open(encoding="utf-8"):
+        text = json.loads(line)["text"]
+        if pattern.search(text):
+            docs.append(text)
+    return _sample(docs, limit)
+
+
+def _drop_reports(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "reports"}
+
+
+def _plain(obj: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj

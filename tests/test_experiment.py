@@ -1,0 +1,68 @@
+"""`memlm experiment` end to end on a tiny config: every cell, the report and plots, and resume."""
+
+import json
+
+import pytest
+
+from memlm.cli import main
+from memlm.errors import ConfigError
+from memlm.experiment import load_experiment
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+out_dir: {out}
+benchmarks: [{{name: bios, people: 16, seed: 0}}]
+designs: [none, rag, not-a-design]
+design_options: {{rag: {{k: 1, encoder: "hashing:64", swap_prob: 0.5}}}}
+model: {{vocab_size: 300, n_layer: 1, n_head: 2, n_embd: 32, block_size: 256}}
+train: {{max_steps: 3, batch_size: 4, warmup_steps: 1, eval_every: 0, save_every: 2, log_every: 1}}
+low_data: [10, 100]
+bank_sizes: [3]
+eval_questions: 6
+max_new_tokens: 4
+decode_prompts: 4
+encoder: "hashing:64"
+"""
+
+
+def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
+    out = tmp_path / "exp"
+    cfg = tmp_path / "cpu.yaml"
+    cfg.write_text(TINY.format(out=out))
+    assert main(["experiment", "--config", str(cfg), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["designs"] == ["none", "rag"] and results["not_registered"] == ["not-a-design"]
+    bios = results["benchmarks"]["bios"]
+    assert set(bios["none"]) == {"train", "low_10", "low_100"}
+    assert set(bios["rag"]) == {"train", "low_10", "low_100", "bank_x3"}
+    rag = bios["rag"]["train"]
+    assert rag["qa_unseen"]["n"] == 6 and rag["qa_unseen"]["retrieval"]["n"] == 6
+    assert rag["edit"]["training_steps"] == 0 and rag["delete"]["deleted_entries_read_after"] == 0
+    assert rag["perplexity_heldout"]["docs"] > 0 and rag["decode_tok_s_b16"] > 0
+    assert bios["rag"]["bank_x3"]["entries"] >= 2.5 * 16 * 6  # padded with distractor people
+    assert "edit" not in bios["none"]["train"] and bios["none"]["train"]["qa_seen"]["retrieval"] is None
+    report = (out / "report.md").read_text()
+    assert "| dense |" in report and "| rag |" in report and "low data" in report and "bank size" in report
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["bios_accuracy_vs_speed.png", "bios_bank_size.png", "bios_low_data.png"]
+
+    # A second run redoes nothing: every cell is there (a killed run resumes the same way, cell by cell).
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
+    finals = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("final/model.safetensors")}
+    (out / "cells" / "bios" / "rag" / "low_10.json").unlink()  # as if killed before this cell ended
+    assert main(["experiment", "--config", str(cfg), "--quiet"]) == 0
+    for p, t in stamps.items():
+        assert p.stat().st_mtime_ns == t or p.name == "low_10.json"
+    assert all(p.stat().st_mtime_ns == t for p, t in finals.items())  # no training redone
+    assert (out / "cells" / "bios" / "rag" / "low_10.json").is_file()
+
+
+def test_bad_experiment_config_names_the_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("designs: [rag]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*'none'"):
+        load_experiment(cfg)
+    cfg.write_text("benchmarks: [{name: wiki}]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: benchmarks\[\].name must be bios or geo"):
+        load_experiment(cfg)
