@@ -234,6 +234,17 @@ def test_product_keys_equal_exact_search_when_every_cell_is_searched_and_find_mo
     assert s.candidates(q).shape[1] == 8 * s.cap < 2000 / 4
 
 
+def test_a_crowded_cell_spills_into_the_next_best_cells_so_every_row_stays_findable():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.nn.functional.normalize(torch.randn(200, 32, generator=g), dim=1)
+    crowd = torch.nn.functional.normalize(spread[0] + 0.01 * torch.randn(60, 32, generator=g), dim=1)
+    s = ProductKeySearch(32, cell_size=8, topk_half=6, n_cells=16, cell_cap=8)
+    s.fit(torch.cat([spread, crowd]), torch.ones(260, dtype=torch.bool))
+    assert s.unreachable == 0 and int(s.count.max()) <= 8  # 61 near-identical keys: no cell holds them all
+    found = s.candidates(crowd.mean(0, keepdim=True))[0]
+    assert torch.isin(torch.tensor([0, *range(200, 260)]), found).float().mean() > 0.9
+
+
 def test_an_edit_re_places_the_entry_and_a_deletion_leaves_nothing(bios, bank, tokenizer):
     m = model().eval()
     reader = load_reader(None, m, tokenizer, bank=bank)

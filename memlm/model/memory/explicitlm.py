@@ -58,7 +58,7 @@ class ExplicitLMOptions:
     topk_half: int = 8  # sub-keys kept per half
     n_cells: int = 4  # cells of the cartesian product searched per token
     cell_size: int = 16  # mean entries per cell: K = ceil(sqrt(N / cell_size)) sub-keys per half
-    cell_cap: int = 32  # entries read from one cell (rows past it in an overfull cell cannot be found)
+    cell_cap: int = 32  # entries a cell holds (a key whose best cell is full goes to the next-best one)
     refresh_every: int = 100  # training steps between re-encoding every key and refitting the sub-keys
     score_scale: float = 16.0  # logits = scale * cosine(query, key)
     tau_start: float = 1.0  # Gumbel-softmax temperature at step 0 ...

@@ -2,12 +2,13 @@
 
 The keys are the entries' own keys (made by the model's entry encoder from the entries' content). Each half of
 the key space has K sub-keys: the centroids of spherical k-means on the entries' key halves. An entry sits in
-the cell (a, b) of its nearest half-1 and half-2 sub-keys, so where it sits is a function of its content: an
-edit that changes its key re-places it (the public code's keys ignore content, so edits never move routing).
+the cell (a, b) of its nearest half-1 and half-2 sub-keys (or, when that cell already holds ``cell_cap`` rows,
+the next-best cell with room), so where it sits is a function of its content: an edit that changes its key
+re-places it (the public code's keys ignore content, so edits never move routing).
 
 Search for a query q: the ``topk_half`` best sub-keys of each half, the ``n_cells`` best non-empty pairs of
-their cartesian product (by the sum of half scores), the rows of those cells (at most ``cell_cap`` each), rescored exactly
-with the cached keys. Per query that costs 2·K·(d/2) for the half scores plus n_cells·cell_cap·d for the
+their cartesian product (by the sum of half scores), the rows of those cells, rescored exactly with the
+cached keys. Per query that costs 2·K·(d/2) for the half scores plus n_cells·cell_cap·d for the
 rescoring, with K = ceil(sqrt(N / cell_size)): O(sqrt(N)), against O(N) for comparing with every key. All
 queries of a batch (every token of every row) go through the same tensor ops, with no Python loop over them.
 
@@ -27,8 +28,9 @@ class ProductKeySearch:
     """Rows with unit keys (R, d), ``alive`` marking those that may be found. Keyword-only settings:
 
     ``cell_size``: mean rows per cell (K = ceil(sqrt(N / cell_size)) sub-keys per half; 1 = ExplicitLM's sqrt(N));
-    ``topk_half``: sub-keys kept per half; ``n_cells``: cells searched; ``cell_cap``: rows read from one cell
-    (rows past it in an overfull cell cannot be found: :attr:`unreachable` counts them).
+    ``topk_half``: sub-keys kept per half; ``n_cells``: cells searched; ``cell_cap``: rows a cell holds (a row
+    whose best cell is full goes to its next-best cell with room; :attr:`unreachable` counts the rows that
+    found none).
     """
 
     def __init__(
@@ -93,18 +95,67 @@ class ProductKeySearch:
             self._place(rows)
 
     def _place(self, rows: Tensor | None = None) -> None:
-        """Cells of ``rows`` (default: all) from their keys; then the cell-sorted layout, O(N log N) at most."""
+        """Cells of ``rows`` (default: all) from their keys; then the cell-sorted layout.
+
+        A row goes to the best cell of its key that still has room (``cell_cap``): keys that crowd one cell
+        (entries about the same kind of thing) spill into their next-best cells, ranked by the same sum of
+        half scores a query ranks cells by, so a nearby query still finds them. Without this a crowded cell
+        hides every row past its cap (on the bios bank early in training: over half of the entries).
+        """
         K = self.n_keys
         if rows is None:
-            self.cell = self.cells_of(self.keys)
-        else:
-            self.cell[rows] = self.cells_of(self.keys[rows])
+            rows = torch.arange(len(self.keys), device=self.keys.device)
+            self.cell = torch.full((len(self.keys),), -1, dtype=torch.long, device=self.keys.device)
+        self.cell[rows] = -1
         self.cell = self.cell.masked_fill(~self.alive, -1)
+        rows = rows[self.alive[rows]]
+        if len(rows):
+            taken = torch.bincount(self.cell[self.cell >= 0], minlength=K * K)
+            self.cell[rows] = self._assign(self.keys[rows], (self.cell_cap - taken).clamp(min=0))
         live = torch.nonzero(self.alive).flatten()
         self.order = live[torch.argsort(self.cell[live], stable=True)]
         self.count = torch.bincount(self.cell[live], minlength=K * K)
         self.start = torch.cumsum(self.count, 0) - self.count
         self.cap = min(int(self.count.max()) if len(live) else 0, self.cell_cap)
+
+    def _assign(self, keys: Tensor, free: Tensor) -> Tensor:
+        """(n, d) keys, (K*K,) free places per cell -> (n,) cells: each row's best cell with room.
+
+        Rounds over preference ranks (at most topk_half² of them), each vectorised over every row still
+        unplaced; within a cell the best-scoring rows get in first. A row whose preferred cells are all full
+        stays in its best cell (:attr:`unreachable` counts it)."""
+        score, pref = self._ranked_cells(keys)  # (n, P) each, best first
+        cell = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device)
+        free = free.clone()
+        for r in range(pref.shape[1]):
+            todo = torch.nonzero(cell < 0).flatten()
+            if not len(todo):
+                break
+            by_score = torch.argsort(score[todo, r], descending=True)
+            o = by_score[torch.argsort(pref[todo, r][by_score], stable=True)]  # grouped by cell, best first
+            want = pref[todo[o], r]
+            rank = torch.arange(len(o), device=keys.device) - torch.searchsorted(
+                want, want
+            )  # rank in its cell
+            ok = rank < free[want]
+            cell[todo[o[ok]]] = want[ok]
+            free -= torch.bincount(want[ok], minlength=len(free))
+        left = cell < 0
+        cell[left] = pref[left, 0]
+        return cell
+
+    def _ranked_cells(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """(n, d) -> (scores, cells), each (n, kc²) with kc = min(topk_half, K): the cells of the cartesian
+        product of each half's ``topk_half`` best sub-keys, best (sum of the half scores) first."""
+        K = self.n_keys
+        s1, s2 = self.half_scores(q)
+        kc = min(self.topk_half, K)
+        v1, i1 = s1.topk(kc, dim=1)  # (n, kc)
+        v2, i2 = s2.topk(kc, dim=1)
+        pair = (v1[:, :, None] + v2[:, None, :]).flatten(1)  # (n, kc*kc): the cartesian product
+        cells = (i1[:, :, None] * K + i2[:, None, :]).flatten(1)  # (n, kc*kc)
+        pair, order = pair.sort(dim=1, descending=True)
+        return pair, cells.gather(1, order)
 
     def cells_of(self, keys: Tensor) -> Tensor:
         """(n, d) keys -> (n,) cell index a * K + b."""
@@ -125,17 +176,12 @@ class ProductKeySearch:
     @torch.no_grad()
     def candidates(self, q: Tensor) -> Tensor:
         """(n, d) queries -> (n, M) candidate rows, -1 padded; M = min(n_cells, topk_half²) * cap."""
-        n, K = q.shape[0], self.n_keys
+        n = q.shape[0]
         if self.cap == 0:
             return torch.full((n, 0), -1, dtype=torch.long, device=q.device)
-        s1, s2 = self.half_scores(q)
-        kc = min(self.topk_half, K)
-        v1, i1 = s1.topk(kc, dim=1)  # (n, kc)
-        v2, i2 = s2.topk(kc, dim=1)
-        pair = (v1[:, :, None] + v2[:, None, :]).flatten(1)  # (n, kc*kc): the cartesian product
-        cells = (i1[:, :, None] * K + i2[:, None, :]).flatten(1)  # (n, kc*kc)
+        pair, cells = self._ranked_cells(q)  # (n, kc*kc)
         pair = pair.masked_fill(self.count[cells] == 0, float("-inf"))  # an empty cell is no candidate
-        best = pair.topk(min(self.n_cells, kc * kc), dim=1).indices  # (n, nc)
+        best = pair.topk(min(self.n_cells, pair.shape[1]), dim=1).indices  # (n, nc)
         cells = cells.gather(1, best)  # (n, nc)
         offset = torch.arange(self.cap, device=q.device)
         slot = self.start[cells][..., None] + offset  # (n, nc, cap) positions in ``order``
