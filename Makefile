@@ -16,16 +16,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 MEMLM := $(VENV)/bin/memlm
-DEMO := runs/demo
 
-# The main job end to end, embedded (no server): data -> train -> evaluate -> generate.
-# Re-running resumes the finished training instead of starting over.
+# The main job end to end, embedded (no server): bios data and bank, dense and memory models trained on the
+# same text, answers about unseen people with their sources, an edit and a deletion, the comparison table.
+# Re-running reuses what an earlier run trained (memlm.demo).
 demo: install
-	$(MEMLM) data bios --people 1000 --seed 0 --out $(DEMO)/bios
-	$(MEMLM) train --config configs/demo.yaml --resume
-	$(MEMLM) eval qa --model $(DEMO)/dense/final --data $(DEMO)/bios --split seen --limit 300
-	$(MEMLM) eval qa --model $(DEMO)/dense/final --data $(DEMO)/bios --split unseen --limit 300
-	$(MEMLM) generate --model $(DEMO)/dense/final --stop '\n' --prompts-file $(DEMO)/bios/qa/seen.jsonl --limit 4
+	$(MEMLM) demo --out runs/demo
 
 test: install
 	$(VENV)/bin/ruff check memlm tests benchmarks

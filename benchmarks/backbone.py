@@ -3,6 +3,10 @@
 1. Training tokens/s of memlm's GPT against a GPT of the same size built from ``nn.TransformerEncoderLayer``
    (pre-norm, GELU MLP, learned positions, tied embeddings, causal mask): ratio ours / reference.
 2. Decoding tokens/s with and without the KV cache at batch 1 and 16 (greedy, same prompts).
+3. Against the model a user would otherwise pick: Hugging Face ``transformers``' ``LlamaForCausalLM`` of the
+   same shape (RoPE, RMSNorm, SwiGLU of the same width, tied embeddings, SDPA attention): training tokens/s and
+   greedy decoding tokens/s with its own KV cache (``generate``), ratio memlm / Llama (target >= 1.0x).
+   Skipped when ``transformers`` is not installed.
 
     .venv/bin/python benchmarks/backbone.py                       # CPU, fp32, sized for 2 cores
     .venv/bin/python benchmarks/backbone.py --device cuda --dtype bf16 --n-layer 12 --n-embd 768 --batch 32
@@ -105,6 +109,40 @@ def decode_tokens_per_s(model: GPT, batch: int, args, *, cached: bool, autocast)
     return batch * n / (time.perf_counter() - t0)
 
 
+def llama_like(cfg: ModelConfig):
+    """transformers' Llama with memlm's shape, or None without transformers."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    return LlamaForCausalLM(hf)
+
+
+def llama_loss(m, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = m(input_ids=x, use_cache=False).logits
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def llama_decode_tokens_per_s(model, batch: int, args, *, autocast) -> float:
+    gen = torch.Generator().manual_seed(1)  # the same prompts as decode_tokens_per_s
+    prompts = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=gen).to(args.device)
+    n = args.new_tokens
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.inference_mode(), autocast:
+        model.generate(prompts, **kw)  # warm-up
+        sync(args.device)
+        t0 = time.perf_counter()
+        model.generate(prompts, **kw)
+        sync(args.device)
+    return batch * n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -168,6 +206,26 @@ def main() -> None:
             f"decode batch {batch:>2} ({args.prompt_len} prompt + {args.new_tokens} new): "
             f"KV cache {cached:,.0f} tok/s  no cache {uncached:,.0f} tok/s  ratio {cached / uncached:.2f}x"
         )
+    llama = llama_like(cfg)
+    if llama is not None:
+        llama = llama.to(args.device)
+        out: dict = {"params": sum(p.numel() for p in llama.parameters())}
+        ours_tps, llama_tps = [], []
+        for _ in range(2):  # interleaved, best of two each
+            ours_tps.append(train_tokens_per_s(ours.train(), lambda m, x, y: m(x, y).loss, args, autocast))
+            llama_tps.append(train_tokens_per_s(llama.train(), llama_loss, args, autocast))
+        t_ours, t_llama = max(ours_tps), max(llama_tps)
+        out["train_tokens_per_s"] = {"memlm": t_ours, "llama": t_llama, "ratio": t_ours / t_llama}
+        print(f"vs transformers Llama ({out['params'] / 1e6:.2f}M params), train tokens/s: memlm {t_ours:,.0f}  "
+              f"Llama {t_llama:,.0f}  ratio {t_ours / t_llama:.2f}x")  # fmt: skip
+        ours.eval(), llama.eval()
+        for batch in (1, 16):
+            a = decode_tokens_per_s(ours, batch, args, cached=True, autocast=autocast)
+            b = llama_decode_tokens_per_s(llama, batch, args, autocast=autocast)
+            out[f"decode_batch{batch}"] = {"memlm": a, "llama": b, "ratio": a / b}
+            print(f"vs transformers Llama, decode batch {batch:>2}: memlm {a:,.0f} tok/s  Llama {b:,.0f} tok/s  "
+                  f"ratio {a / b:.2f}x")  # fmt: skip
+        results["vs_transformers_llama"] = out
     results["machine"] = {"platform": platform.platform(), "processor": platform.processor()}
     if args.json:
         with open(args.json, "w") as f:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 # Options a design runs with here (as in configs/<design>.yaml); a design missing here runs with its defaults.
 DESIGN_OPTIONS = {
-    "rag": {"k": 4, "encoder": "minilm", "index": "exact"},
+    "rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"},
     "explicitlm": {"key": "about", "key_dim": 128, "read_k": 1, "fine_k": 8, "n_cells": 4, "cell_cap": 128, "refresh_every": 25},
 }  # fmt: skip
 

@@ -60,6 +60,7 @@ class ExperimentConfig:
     max_new_tokens: int = 16
     decode_prompts: int = 64  # decode speed: prompts x 32 new tokens at batch 16
     encoder: str = "minilm"  # the banks' encoder (retrieval of the designs that search by text)
+    device: str = "auto"  # evaluation device (auto: cuda when available); training follows train.device
 
     def __post_init__(self) -> None:
         if not self.designs or "none" not in self.designs:
@@ -95,6 +96,11 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, *, progress: bool = True) -> None:
         self.config, self.progress = config, progress
         self.root = Path(config.out_dir)
+        self.device = config.device
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -224,7 +230,7 @@ class Experiment:
         n = cfg.eval_questions or None
         cell: dict[str, Any] = {"benchmark": bench.name, "design": design, "corpus": corpus}
         splits = ("seen", "unseen") if corpus == MAIN else ("all",)
-        with Generator.from_pretrained(model_dir) as gen:
+        with Generator.from_pretrained(model_dir, device=self.device) as gen:
             for split in splits:
                 records = _sample(load_qa(data, split), n)
                 cell[f"qa_{split}"] = _ask(gen, records, cfg.max_new_tokens).summary()
@@ -234,7 +240,7 @@ class Experiment:
                 prompts = [r.prompt for r in load_qa(data, "unseen")[: cfg.decode_prompts]]
                 cell["decode_tok_s_b16"] = decode_tokens_per_s(gen.model, gen.reader, prompts, batch_size=16)
         if corpus == MAIN and design != "none":
-            kw = dict(limit=n, max_new_tokens=cfg.max_new_tokens)
+            kw = dict(limit=n, max_new_tokens=cfg.max_new_tokens, device=self.device)
             cell["edit"] = _drop_reports(evaluate_edits(model_dir, data, probes=5, **kw))
             cell["delete"] = _drop_reports(evaluate_deletions(model_dir, data, **kw))
         write_json(path, cell)
@@ -250,7 +256,7 @@ class Experiment:
 
         model_dir = Path(self.run_config(bench, design, MAIN, data, bank).out_dir) / "final"
         records = _sample(load_qa(data, "unseen"), self.config.eval_questions or None)
-        with Generator.from_pretrained(model_dir, bank=bank) as gen:
+        with Generator.from_pretrained(model_dir, bank=bank, device=self.device) as gen:
             gen.generate([records[0].prompt], max_new_tokens=1)  # build indexes outside the timing
             t0 = time.perf_counter()
             report = _ask(gen, records, self.config.max_new_tokens)

@@ -72,3 +72,10 @@ def test_generate_reads_prompts_from_jsonl(model_dir, tmp_path, capsys):
     qa.write_text('{"prompt": "hello"}\n{"question": "no prompt"}\n')
     assert main(["generate", "--model", str(model_dir), "--prompts-file", str(qa)]) == 2
     assert f"{qa}:2: field 'prompt'" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_parts_and_bad_sizes(tmp_path, capsys):
+    assert main(["bench", "--parts", "designs,nope", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--bank-sizes", "10k", "--out", str(tmp_path / "b")]) == 2
+    assert "--bank-sizes" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from memlm.cli import main
+from memlm.eval.qa import load_qa
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -48,6 +49,16 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
     report = json.loads((model / "eval/qa_unseen.json").read_text())
     assert report["n"] == len(answers) and report["em"] == pytest.approx((len(answers) // 2) / len(answers))
     assert "| **all** |" in capsys.readouterr().out
+
+    # --sample: a seeded random sample (the same each time), not the file's first questions
+    args = ["eval", "qa", "--model", str(model), "--data", str(out), "--split", "unseen", "--sample", "5"]
+    asked = []
+    for _ in range(2):
+        assert main([*args, "--out", str(tmp_path / "s")]) == 0
+        lines = (tmp_path / "s" / "qa_unseen_predictions.jsonl").read_text().splitlines()
+        asked.append([json.loads(line)["prompt"] for line in lines])
+    first = [r.prompt for r in load_qa(out, "unseen")[:5]]
+    assert len(asked[0]) == 5 and asked[0] == asked[1] and asked[0] != first
 
 
 def test_ingest_error_is_one_line_and_writes_nothing(tmp_path, capsys):

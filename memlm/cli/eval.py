@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 
@@ -36,6 +37,9 @@ def register(subparsers) -> None:
     qa.add_argument(
         "--split", default="unseen", help="seen | unseen | edited | deleted | all (= seen + unseen)"
     )
+    qa.add_argument(
+        "--sample", type=int, default=None, help="a seeded random sample of N questions (quick evaluations)"
+    )
     qa.set_defaults(func=run_qa)
     edit = sub.add_parser(
         "edit",
@@ -62,6 +66,9 @@ def run_qa(args) -> int:
     from memlm.generate import Generator
 
     records = load_qa(args.data, args.split)
+    if args.sample is not None:  # the file's records shuffled with Random(0), the first N kept
+        random.Random(0).shuffle(records)
+        records = records[: args.sample]
     if args.limit is not None:
         records = records[: args.limit]
     gen = Generator.from_pretrained(args.model, device=args.device, bank=args.bank)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from memlm.bank.derived import ROOTS as DERIVED_ROOTS
 from memlm.bank.entry import lookup_key
 from memlm.bank.store import DB_NAME, BankError, MemoryBank
 from memlm.errors import InputError
@@ -33,7 +34,7 @@ from memlm.utils.jsonl import iter_jsonl
 
 
 def copy_bank(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a bank folder by reading its files (database, write-ahead log, derived vectors and indexes).
+    """Copy a bank folder by reading its files (database, write-ahead log, vectors, indexes and other derived stores).
 
     Only reads ``src``: no SQLite connection is opened on it, so not even a ``-shm`` file appears there.
     Copy while no writer is mid-transaction; the copy is checked before use.
@@ -45,7 +46,7 @@ def copy_bank(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     for name in (DB_NAME, DB_NAME + "-wal"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-    for sub in ("vectors", "indexes"):
+    for sub in ("vectors", *DERIVED_ROOTS):
         if (src / sub).is_dir():
             shutil.copytree(src / sub, dst / sub)
     return dst
