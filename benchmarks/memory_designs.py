@@ -5,6 +5,12 @@ retrieval (the reader prepares each batch of prompts, its step hook runs during 
 time (the reader's batch plus forward, backward and the optimizer), and the peak RSS of a process that did only
 that design's work. Each is also given as a ratio to dense. Weights are untrained: speed does not depend on them.
 
+LMLM's untrained weights write no lookups, so its rows write the calls a trained model would: each prompt ends
+with a call about its question (answered at step 0) and a second call is written after 12-16 tokens (rows pause
+at different steps); every forced or written token counts as a decoded token. Its reference line,
+``lmlm-regenerate``, decodes the same prompts with the same calls the public code's way: one sequence at a
+time, and after each lookup everything is re-run from scratch (no KV cache kept).
+
     .venv/bin/python benchmarks/memory_designs.py --json benchmarks/results/memory_designs_cpu.json
     .venv/bin/python benchmarks/memory_designs.py --device cuda --n-layer 12 --n-embd 768 --n-head 12
 
@@ -28,6 +34,7 @@ from pathlib import Path
 DESIGN_OPTIONS = {
     "rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"},
     "explicitlm": {"key": "about", "key_dim": 128, "read_k": 1, "fine_k": 8, "n_cells": 4, "cell_cap": 128, "refresh_every": 25},
+    "lmlm": {"encoder": "minilm", "relation": "context", "entity": "context"},
 }  # fmt: skip
 
 
@@ -58,6 +65,7 @@ def run_design(args) -> dict:
     from memlm.generate import GenerationConfig, decode
     from memlm.model import GPT, ModelConfig
     from memlm.model.memory import get_memory_design
+    from memlm.model.memory.lmlm import decode_regenerating, scheduled_calls
     from memlm.tokenizer import Tokenizer
 
     torch.manual_seed(0)
@@ -68,35 +76,55 @@ def run_design(args) -> dict:
     tok = Tokenizer.load(tok_dir)
     cfg = ModelConfig(
         vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-        n_embd=args.n_embd, memory=args.design, memory_options=DESIGN_OPTIONS.get(args.design, {}),
+        n_embd=args.n_embd, memory=args.design, memory_options=options(args).get(args.design, {}),
     )  # fmt: skip
     model = GPT(cfg).to(args.device)
     design = get_memory_design(args.design)
     bank = MemoryBank.open(bank_dir) if design.uses_bank else None
     reader = design.reader(model, tok, bank)
     qa = [json.loads(x)["prompt"] for x in (data / "qa/unseen.jsonl").read_text().splitlines()]
-    docs = list(iter_corpus([data / "corpus/train.jsonl"]))[: args.train_batch * (args.train_steps + 2)]
+    corpus = "train_lmlm" if getattr(design, "annotation", "none") == "lmlm" else "train"  # LMLM: its lookups
+    docs = list(iter_corpus([data / f"corpus/{corpus}.jsonl"]))[: args.train_batch * (args.train_steps + 2)]
     reader.prompts(qa[:2])  # build the retriever (encode the bank, build the index) outside the timings
     reader.prepare_training(docs)
 
     out: dict = {"design": args.design, "params": model.num_parameters()}
     model.eval()
     gcfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    lmlm = args.design == "lmlm"
+    if lmlm:
+        qa, schedule = lmlm_calls(data, tok, len(qa))
     for batch in (1, 16):
         prompts = qa[: batch * args.decode_batches]
 
         def run(prompts=prompts, batch=batch):
             for i in range(0, len(prompts), batch):
                 b = reader.prompts(prompts[i : i + batch])  # retrieval is part of the cost
-                decode(model, b.token_ids, gcfg, pad_id=tok.pad_id, eos_id=-1, hook=reader.step_hook(b),
-                       memory=b.memory)  # fmt: skip
+                hook = reader.step_hook(b)
+                if lmlm:  # the calls a trained model would write, answered by the reader's hook first
+                    then, first = scheduled_calls(schedule[i : i + batch]), hook
+                    hook = lambda s, first=first, then=then: (first(s), then(s))  # noqa: E731
+                decode(model, b.token_ids, gcfg, pad_id=tok.pad_id, eos_id=-1, hook=hook, memory=b.memory)
 
         run(prompts[:batch])  # warm-up
+        cold(reader)
         _sync(args.device)
         t0 = time.perf_counter()
         run()
         _sync(args.device)
         out[f"decode_batch{batch}_tok_s"] = len(prompts) * args.new_tokens / (time.perf_counter() - t0)
+    if lmlm:  # the public code's way: one row at a time, regenerate from scratch after every lookup
+        prompts = qa[: args.decode_batches]
+        ids = reader.prompts(prompts).token_ids
+        for p, c in zip(ids[:1], schedule[:1]):
+            decode_regenerating(reader, p, args.new_tokens, eos_id=-1, calls=c)  # warm-up
+        cold(reader)
+        _sync(args.device)
+        t0 = time.perf_counter()
+        for p, c in zip(ids, schedule):
+            decode_regenerating(reader, p, args.new_tokens, eos_id=-1, calls=c)
+        _sync(args.device)
+        out["regenerate_batch1_tok_s"] = len(prompts) * args.new_tokens / (time.perf_counter() - t0)
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -119,6 +147,35 @@ def run_design(args) -> dict:
     out["train_step_s"] = sorted(times)[len(times) // 2]
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def lmlm_calls(data: Path, tok, n: int) -> tuple[list[str], list[dict[int, list[int]]]]:
+    """QA prompts that end with the call about their question, and a second call per row after 12-16 tokens."""
+    from memlm.tokenizer import DB_ENTITY, DB_RELATIONSHIP, DB_RETURN
+
+    recs = [json.loads(x) for x in (data / "qa/unseen.jsonl").read_text().splitlines()][:n]
+    call = lambda s, r: f"{DB_ENTITY} {s}{DB_RELATIONSHIP} {r}{DB_RETURN}"  # noqa: E731
+    prompts = [r["prompt"] + call(r["subject"], r["relation"]) for r in recs]
+    other = {"birth_city": "employer", "employer": "birth_date"}
+    schedule = [{12 + i % 5: tok.encode(call(r["subject"], other.get(r["relation"], "birth_city")))}
+                for i, r in enumerate(recs)]  # fmt: skip
+    return prompts, schedule
+
+
+def options(args) -> dict:
+    """DESIGN_OPTIONS with ``--options DESIGN=JSON`` applied."""
+    out = dict(DESIGN_OPTIONS)
+    for item in args.options:
+        design, _, spec = item.partition("=")
+        out[design] = {**out.get(design, {}), **json.loads(spec)}
+    return out
+
+
+def cold(reader) -> None:
+    """LMLM's sentence-vector cache starts empty for every timed decode: no path reuses another's encodes."""
+    relations = getattr(reader, "_relations", None)
+    if relations is not None:
+        relations.clear_cache()
 
 
 def _sync(device: str) -> None:
@@ -144,6 +201,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--options", action="append", default=[], help="DESIGN=JSON: other options for a design")
     p.add_argument("--design", help=argparse.SUPPRESS)  # worker mode: one design, JSON on stdout
     args = p.parse_args()
 
@@ -180,7 +238,7 @@ def main() -> None:
         )
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "design"},
-        "design_options": DESIGN_OPTIONS,
+        "design_options": options(args),
         "rows": rows,
         "machine": {
             "platform": platform.platform(),
@@ -188,6 +246,23 @@ def main() -> None:
             "cpus": os.cpu_count(),
         },
     }
+    for r in rows:
+        if "regenerate_batch1_tok_s" in r:
+            rag = next((x for x in rows if x["design"] == "rag"), None)
+            vs = (
+                ""
+                if rag is None
+                else f", {r['decode_batch1_tok_s'] / rag['decode_batch1_tok_s']:.2f}x rag at batch 1, "
+                f"{r['decode_batch16_tok_s'] / rag['decode_batch16_tok_s']:.2f}x at batch 16"
+            )
+            print(
+                f"| {r['design']}-regenerate (public code's way) | {r['regenerate_batch1_tok_s']:,.0f} "
+                f"({r['regenerate_batch1_tok_s'] / dense['decode_batch1_tok_s']:.2f}x) | - | - | - |"
+            )
+            print(
+                f"\n{r['design']} with the KV cache kept: {r['decode_batch1_tok_s'] / r['regenerate_batch1_tok_s']:.2f}x "
+                f"the public code's way at batch 1{vs}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

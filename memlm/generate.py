@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -192,7 +192,8 @@ class Generator:
     The reader (:mod:`memlm.model.memory.reader`) turns each batch of prompts into what the model is fed (RAG
     puts retrieved entries before the prompt) and may install a step hook (retrieve every N tokens, look a fact
     up). Every :class:`Generation` carries the bank entry ids its answer used (``retrieved``) and the events
-    behind them (``trace``). A model without memory gets the plain reader: ``retrieved`` is None.
+    behind them (``trace``). A model without memory gets the plain reader: ``retrieved`` is None; a memory
+    model's answer that read nothing has ``retrieved == []`` (a miss, not "no provenance").
     """
 
     def __init__(
@@ -232,6 +233,16 @@ class Generator:
     def _config(self, max_new_tokens: int, stop_tokens: Sequence[str], **kw: Any) -> GenerationConfig:
         stop_ids = tuple(self.tokenizer.token_id(t) for t in stop_tokens)
         return GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, **kw)
+
+    def _batch(
+        self, prompts: Sequence[str], config: GenerationConfig
+    ) -> tuple[PromptBatch, GenerationConfig]:
+        """The reader's batch for these prompts, and the config to decode it with: ``max_new_tokens`` is the
+        answer's text budget; the reader may ask for more steps (LMLM's lookups), as far as block_size allows."""
+        batch = self.reader.prompts(prompts)
+        batch.max_text_tokens = n = config.max_new_tokens
+        room = self.model.config.block_size - max(len(p) for p in batch.token_ids)
+        return batch, replace(config, max_new_tokens=max(n, min(self.reader.decode_steps(n), room)))
 
     def text(self, token_ids: Sequence[int]) -> str:
         """Generated ids -> text; the memory tokens stay when the reader asks (LMLM), PAD/BOS/EOS never do."""
@@ -281,11 +292,11 @@ class Generator:
         results: list[Generation] = []
         for b in range(0, len(prompts), batch_size):
             chunk = list(prompts[b : b + batch_size])
-            batch = self.reader.prompts(chunk)
+            batch, steps = self._batch(chunk, config)
             state = decode(
                 self.model,
                 batch.token_ids,
-                config,
+                steps,
                 pad_id=tok.pad_id,
                 eos_id=tok.eos_id,
                 hook=self._hook(batch, stop),
@@ -302,7 +313,9 @@ class Generator:
                         text=text if cut is None else text[:cut],
                         token_ids=toks,
                         finish_reason="stop" if stopped else "length",
-                        retrieved=state.retrieved[i] if state.trace[i] else None,
+                        retrieved=state.retrieved[i]
+                        if state.trace[i] or self.reader.bank is not None
+                        else None,
                         trace=state.trace[i],
                     )
                 )
@@ -314,12 +327,12 @@ class Generator:
         """Yield the text of one prompt's continuation piece by piece, as it is decoded."""
         config = self._config(max_new_tokens, stop_tokens, **sampling)
         tok = self.tokenizer
-        batch = self.reader.prompts([prompt])
+        batch, steps = self._batch([prompt], config)
         shown, text = "", ""
         for _, state in iter_decode(
             self.model,
             batch.token_ids,
-            config,
+            steps,
             pad_id=tok.pad_id,
             eos_id=tok.eos_id,
             hook=self._hook(batch, ()),

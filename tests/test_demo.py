@@ -20,7 +20,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     cfg = DemoConfig(
         out_dir=str(tmp_path / "demo"), people=12, steps=3, batch_size=4, block_size=256, questions=6, show=3,
         model={"vocab_size": 300, "n_layer": 1, "n_head": 2, "n_embd": 32}, encoder="hashing:64",
-        design_options={"k": 1, "encoder": "hashing:64", "key": "about"},
+        design="rag", design_options={"k": 1, "encoder": "hashing:64", "key": "about"},
     )  # fmt: skip
     lines: list[str] = []
     results = run_demo(cfg, out=lines.append, progress=False)

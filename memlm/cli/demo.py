@@ -34,7 +34,5 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name} must be >= 1")
     cfg = DemoConfig(out_dir=args.out, people=args.people, steps=args.steps, design=args.design,
                      questions=args.questions, seed=args.seed)  # fmt: skip
-    if cfg.design != "rag":
-        cfg.design_options = {}  # the design's own defaults
     run_demo(cfg)
     return 0

@@ -5,13 +5,18 @@ of deleted facts still answered through such near-neighbour lookups. Here:
 
 1. exact: normalised subject + relation against the bank's indexed ``key`` column (SQL, always current);
 2. alias: the same against the aliases table (other names of the subject);
-3. fuzzy: cosine between the query subject's embedding and every entry's subject (and alias), above
-   ``threshold``; among those, the relation must match too: exactly after normalisation, or by embedding
-   cosine above ``threshold``. The best product of the two similarities wins. (Embedding "subject relation"
-   as one string lets the shared relation words outvote a misspelt subject: "Japn capital" -> Aruba.)
+3. the subject first, then the relation. The subject is the one the bank knows by exactly this name (or
+   alias), else the single nearest subject by embedding cosine, above ``threshold``. Only that subject's
+   entries are candidates: a lookup never moves to a neighbouring subject because the asked-for fact is missing
+   (deleted) there. Among them the relation must match exactly after normalisation or, for a relation name
+   the bank does not use at all (a paraphrase), by embedding cosine above ``threshold``. A relation the bank
+   knows is never fuzzily swapped for another: "birth_city" deleted is not answered by "birth_date".
+   (Embedding "subject relation" as one string would let the shared relation words outvote a misspelt
+   subject: "Japn capital" -> Aruba.)
 
-Every answer is re-read from the bank and checked against the namespaces asked for, and the fuzzy index is
-refreshed from the edit log before each lookup, so a deleted entry (or its aliases) is never returned.
+Every answer is re-read from the bank and checked against the namespaces asked for, and the fuzzy index and
+the set of relation names are refreshed from the edit log before each lookup, so a deleted entry (or its
+aliases) is never returned.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class LexicalIndex:
         self.bank, self.encoder, self.threshold, self.fuzzy_k = bank, encoder, threshold, fuzzy_k
         self._fuzzy: ExactIndex | None = None
         self._version = -1
+        self._relations: tuple[int, dict[str | None, set[str]]] | None = None  # (bank version, ns -> names)
 
     def _sql_first(self, sql: str, key: str, namespaces: Sequence[str] | None) -> Entry | None:
         args: list = [key]
@@ -68,7 +74,66 @@ class LexicalIndex:
             return Lookup(e, "alias", 1.0)
         if self.encoder is None:
             return None
+        own = self.subject_entries(subject, namespaces)
+        if own:  # the bank knows this very name: its own entries or nothing
+            return self._relation_match(own, 1.0, relation, namespaces)
         return self._fuzzy_lookup(subject, relation, namespaces)
+
+    def subject_entries(self, subject: str, namespaces: Sequence[str] | None = None) -> list[Entry]:
+        """Entries whose subject, or one of whose aliases, is ``subject`` after normalisation."""
+        if namespaces is not None and not namespaces:
+            return []
+        lo = normalise(subject) + "\x1f"  # keys are "subject \x1f relation"; \x20 is the next code point
+        hi = lo[:-1] + "\x20"
+        ids = [
+            r[0]
+            for r in self.bank.connection.execute(
+                "SELECT id FROM entries WHERE key >= ? AND key < ? "
+                "UNION SELECT entry_id FROM aliases WHERE alias_key >= ? AND alias_key < ?",
+                (lo, hi, lo, hi),
+            )
+        ]
+        return self._in(self.bank.get_many(sorted(ids), missing_ok=True), namespaces)
+
+    @staticmethod
+    def _in(entries: Sequence[Entry | None], namespaces: Sequence[str] | None) -> list[Entry]:
+        allowed = None if namespaces is None else set(namespaces)
+        return [e for e in entries if e is not None and (allowed is None or e.namespace in allowed)]
+
+    def known_relation(self, relation: str, namespaces: Sequence[str] | None = None) -> bool:
+        """Whether any entry (in ``namespaces``) uses this relation name, after normalisation."""
+        version = self.bank.version
+        if self._relations is None or self._relations[0] != version:
+            names: dict[str | None, set[str]] = {}
+            for rel, ns in self.bank.connection.execute(
+                "SELECT DISTINCT relation, namespace FROM entries WHERE relation IS NOT NULL"
+            ):
+                names.setdefault(ns, set()).add(normalise(rel))
+            self._relations = (version, names)
+        names = self._relations[1]
+        rel = normalise(relation)
+        return any(rel in v for ns, v in names.items() if namespaces is None or ns in namespaces)
+
+    def _relation_match(
+        self, entries: Sequence[Entry], subject_score: float, relation: str, namespaces: Sequence[str] | None
+    ) -> Lookup | None:
+        """The entry of ``entries`` (one subject's) whose relation is ``relation``: exactly, or by embedding
+        for a relation name the bank does not use."""
+        rel = normalise(relation)
+        exact = [e for e in entries if normalise(e.relation or "") == rel]
+        if exact:
+            return Lookup(exact[0], "fuzzy", subject_score)
+        if self.known_relation(relation, namespaces):
+            return None
+        others = sorted({e.relation for e in entries if e.relation})
+        if not others:
+            return None
+        sims = self.encoder.encode(others) @ self.encoder.encode([relation])[0]
+        score = {r: float(v) for r, v in zip(others, sims)}
+        best = max(entries, key=lambda e: (score.get(e.relation, -1.0), -e.id))
+        if score.get(best.relation, -1.0) < self.threshold:
+            return None
+        return Lookup(best, "fuzzy", subject_score * score[best.relation])
 
     # ---------------------------------------------------------------- fuzzy
     def _key_rows(self, ids: Sequence[int] | None) -> tuple[list[int], list[str], list[str]]:
@@ -108,27 +173,24 @@ class LexicalIndex:
         self._version = version
 
     def _fuzzy_lookup(self, subject: str, relation: str, namespaces: Sequence[str] | None) -> Lookup | None:
+        """The nearest subject above the threshold, then the relation among its own entries only."""
         self.refresh()
         q = self.encoder.encode([subject])
         scores, ids = self._fuzzy.search(q, self.fuzzy_k, namespaces)
-        subj_score: dict[int, float] = {}
-        for sc, i in zip(scores[0].tolist(), ids[0].tolist()):
-            if i >= 0 and sc >= self.threshold:
-                subj_score[i] = max(subj_score.get(i, sc), sc)  # an entry may match by subject and by alias
-        entries = [e for e in self.bank.get_many(list(subj_score), missing_ok=True) if e is not None]
-        allowed = None if namespaces is None else set(namespaces)
-        entries = [e for e in entries if allowed is None or e.namespace in allowed]
-        if not entries:
-            return None
-        rel = normalise(relation)
-        others = sorted({e.relation for e in entries if normalise(e.relation or "") != rel and e.relation})
-        rel_score = {
-            r: float(v)
-            for r, v in zip(others, self.encoder.encode(others) @ self.encoder.encode([relation])[0])
+        hits = [
+            (sc, i) for sc, i in zip(scores[0].tolist(), ids[0].tolist()) if i >= 0 and sc >= self.threshold
+        ]
+        entries = {
+            e.id: e for e in self._in(self.bank.get_many([i for _, i in hits], missing_ok=True), namespaces)
         }
         best: tuple[float, Entry] | None = None
-        for e in entries:
-            r = 1.0 if normalise(e.relation or "") == rel else rel_score.get(e.relation, 0.0)
-            if r >= self.threshold and (best is None or subj_score[e.id] * r > best[0]):
-                best = (subj_score[e.id] * r, e)
-        return None if best is None else Lookup(best[1], "fuzzy", best[0])
+        for sc, i in hits:  # best first
+            if i in entries:
+                best = (sc, entries[i])
+                break
+        if best is None:
+            return None
+        sc, e = best
+        # The nearest key may be an alias of the entry: the subject is the entry's subject with its aliases.
+        name = e.subject if e.subject is not None else ""
+        return self._relation_match(self.subject_entries(name, namespaces), sc, relation, namespaces)

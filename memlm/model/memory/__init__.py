@@ -3,7 +3,11 @@
 Importing this package registers every shipped design (``rag``, ``explicitlm``, ...), so ``ModelConfig.memory`` can name it.
 """
 
-from memlm.model.memory import explicitlm, rag  # noqa: E402, F401  (registers "explicitlm", "rag")
+from memlm.model.memory import (
+    explicitlm,  # noqa: E402, F401  (registers "explicitlm")
+    lmlm,  # noqa: E402, F401  (registers "lmlm")
+    rag,  # noqa: E402, F401  (registers "rag")
+)
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
 from memlm.model.memory.registry import get_memory_design, list_memory_designs, register_memory_design

@@ -57,6 +57,9 @@ class PromptBatch:
     memory: MemoryContext | None = None  # handed to the first forward call
     used: list[list[int]] = field(default_factory=list)  # per row: bank entry ids placed before the prompt
     scores: list[list[float]] = field(default_factory=list)
+    # The answer's budget in text tokens (set by the generator); a reader that decodes tokens which are not
+    # text (LMLM's lookups) ends rows in its hook when their text reaches it. None: no budget but the steps.
+    max_text_tokens: int | None = None
 
 
 class MemoryReader:
@@ -113,6 +116,11 @@ class MemoryReader:
     def prompts(self, prompts: Sequence[str]) -> PromptBatch:
         ids = self.tokenizer.encode_batch(list(prompts), bos=True)
         return PromptBatch(token_ids=ids, used=[[] for _ in ids], scores=[[] for _ in ids])
+
+    def decode_steps(self, max_new_tokens: int) -> int:
+        """Decoding steps for an answer of ``max_new_tokens`` text tokens: more where a design writes tokens
+        that are not answer text (LMLM's lookups), so they do not eat the answer's budget."""
+        return max_new_tokens
 
     def step_hook(self, batch: PromptBatch) -> StepHook | None:
         """A hook the generator runs before every forward call (retrieve every N tokens, look facts up)."""
