@@ -35,6 +35,7 @@ DESIGN_OPTIONS = {
     "rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"},
     "pluglm": {"key_dim": 128, "top_n": 5, "key": "about", "value": "tokens", "refresh_every": 200,
                "replace_ffn": False, "aux_weight": 0.5, "swap_prob": 0.5},
+    "explicitlm": {"key": "about", "key_dim": 128, "read_k": 1, "fine_k": 8, "n_cells": 4, "cell_cap": 128, "refresh_every": 25},
     "lmlm": {"encoder": "minilm", "relation": "context", "entity": "context"},
 }  # fmt: skip
 DESIGN_LAYERS = {"pluglm": [2]}  # model.memory_layers as in the shipped config

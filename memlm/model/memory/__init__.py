@@ -1,9 +1,10 @@
 """Memory designs plug into the backbone through per-layer hooks; each design lives in its own file.
 
-Importing this package registers every shipped design (``rag``, ...), so ``ModelConfig.memory`` can name it.
+Importing this package registers every shipped design (``rag``, ``explicitlm``, ...), so ``ModelConfig.memory`` can name it.
 """
 
 from memlm.model.memory import (
+    explicitlm,  # noqa: E402, F401  (registers "explicitlm")
     lmlm,  # noqa: E402, F401  (registers "lmlm")
     pluglm,  # noqa: E402, F401  (registers "pluglm")
     rag,  # noqa: E402, F401  (registers "rag")
