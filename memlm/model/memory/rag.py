@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +274,12 @@ class RAGReader(MemoryReader):
 
     def _swap(self, text: str, entries: Sequence, rng: random.Random, p: float) -> tuple[str, list[str]]:
         """Replace the objects of some triples by other values of their relation, in entries and text."""
+        sub = self._swapper(entries, rng, p)
+        return sub(text), [sub(e.text) for e in entries]
+
+    def _swapper(self, entries: Sequence, rng: random.Random, p: float) -> Callable[[str], str]:
+        """Draw new objects for some of ``entries``; return the function that rewrites any text with them
+        (Memory³ applies it to the entries later chunks read, too)."""
         pools = self._object_pools()
         subs: dict[str, str] = {}
         for e in entries:
@@ -284,10 +290,9 @@ class RAGReader(MemoryReader):
                     new = pool[rng.randrange(len(pool))]
                 subs[e.object] = new
         if not subs:
-            return text, [e.text for e in entries]
+            return lambda s: s
         pattern = _whole_words(sorted(subs, key=len, reverse=True))  # longest first: "New York City" wins
-        sub = lambda s: pattern.sub(lambda m: subs[m.group(1)], s)  # noqa: E731
-        return sub(text), [sub(e.text) for e in entries]
+        return lambda s: pattern.sub(lambda m: subs[m.group(1)], s)
 
     def _object_pools(self) -> dict[str, list[str]]:
         if self._pools is None:
