@@ -33,17 +33,13 @@ from pathlib import Path
 # Options a design runs with here (as in configs/<design>.yaml); a design missing here runs with its defaults.
 DESIGN_OPTIONS = {
     "rag": {"k": 1, "key": "about", "encoder": "minilm", "index": "exact"},
+    "pluglm": {"key_dim": 128, "top_n": 5, "key": "about", "value": "tokens", "refresh_every": 200,
+               "replace_ffn": False, "aux_weight": 0.5, "swap_prob": 0.5},
+    "explicitlm": {"key": "about", "key_dim": 128, "read_k": 1, "fine_k": 8, "n_cells": 4, "cell_cap": 128, "refresh_every": 25},
     "lmlm": {"encoder": "minilm", "relation": "context", "entity": "context"},
-    "memory3": {
-        "k": 1,
-        "chunk": 64,
-        "keep": 8,
-        "key": "about",
-        "encoder": "minilm",
-        "index": "exact",
-        "storage": "fp16",
-    },
-}
+    "memory3": {"k": 1, "chunk": 64, "keep": 8, "key": "about", "encoder": "minilm", "index": "exact", "storage": "fp16"},
+}  # fmt: skip
+DESIGN_LAYERS = {"pluglm": [2], "memory3": [1, 2]}  # model.memory_layers as in the shipped config
 
 
 def prepare(work: Path, people: int) -> tuple[Path, Path, Path]:
@@ -85,6 +81,7 @@ def run_design(args) -> dict:
     cfg = ModelConfig(
         vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
         n_embd=args.n_embd, memory=args.design, memory_options=options(args).get(args.design, {}),
+        memory_layers=DESIGN_LAYERS.get(args.design),
     )  # fmt: skip
     model = GPT(cfg).to(args.device)
     design = get_memory_design(args.design)
@@ -117,10 +114,11 @@ def run_design(args) -> dict:
         run(prompts[:batch])  # warm-up
         cold(reader)
         _sync(args.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         _sync(args.device)
         out[f"decode_batch{batch}_tok_s"] = len(prompts) * args.new_tokens / (time.perf_counter() - t0)
+        out[f"decode_batch{batch}_cpu_tok_s"] = len(prompts) * args.new_tokens / (time.process_time() - c0)
     if lmlm:  # the public code's way: one row at a time, regenerate from scratch after every lookup
         prompts = qa[: args.decode_batches]
         ids = reader.prompts(prompts).token_ids
@@ -139,11 +137,11 @@ def run_design(args) -> dict:
     import random
 
     rng = random.Random(0)
-    times = []
+    times, cpu = [], []
     for s in range(args.train_steps + 2):
         texts = docs[s * args.train_batch : (s + 1) * args.train_batch]
         _sync(args.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         b = reader.train_batch(texts, rng=rng).to(args.device)
         loss = model(b.input_ids, targets=b.targets, memory=b.memory).loss
         loss.backward()
@@ -152,9 +150,77 @@ def run_design(args) -> dict:
         _sync(args.device)
         if s >= 2:  # the first two warm up
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     out["train_step_s"] = sorted(times)[len(times) // 2]
+    out["train_step_cpu_s"] = sorted(cpu)[len(cpu) // 2]  # process CPU: comparable on a shared machine
+    if hasattr(reader, "refresh_keys"):  # PlugLM: the stall of a full key refresh, at this bank and larger
+        out["key_refresh_s"] = {"bank_wall_s": _median(reader.refresh_keys for _ in range(3))}
+        for n in args.refresh_sizes:
+            out["key_refresh_s"][str(n)] = key_refresh_seconds(model, n, device=args.device)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def refresh_only(args) -> None:
+    """PlugLM's full key refresh at each of ``--refresh-sizes`` entries, with the shipped options."""
+    import torch
+
+    from memlm.model import GPT, ModelConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+        memory="pluglm", memory_options=DESIGN_OPTIONS["pluglm"], memory_layers=DESIGN_LAYERS["pluglm"],
+    )  # fmt: skip
+    model = GPT(cfg).to(args.device).eval()
+    rows = {str(n): key_refresh_seconds(model, n, device=args.device) for n in args.refresh_sizes}
+    for n, t in rows.items():
+        print(f"pluglm: full key refresh of {int(n):,} entries: {1000 * t['cpu_s']:.0f} ms CPU, "
+              f"{1000 * t['wall_s']:.0f} ms wall")  # fmt: skip
+    if args.json:
+        result = {"config": {k: v for k, v in vars(args).items() if k != "design"}, "key_refresh_s": rows,
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "load_average": os.getloadavg()}}  # fmt: skip
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _median(fns) -> float:
+    values = sorted(f() for f in fns)
+    return values[len(values) // 2]
+
+
+def key_refresh_seconds(model, n: int, *, device: str, entry_tokens: int = 12, rounds: int = 3) -> dict:
+    """Median wall and process-CPU seconds of a full PlugLM key refresh over ``n`` random entries: encode every
+    key with the model's knowledge encoder and install it (a FAISS index is built from 50,000 entries on, index
+    "auto"). CPU seconds are what the refresh costs on an idle machine (1 thread); wall seconds include waiting
+    on a shared one."""
+    import torch
+
+    from memlm.model.memory.pluglm_reader import KeyTable
+
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randint(5, model.config.vocab_size, (n, entry_tokens), generator=g)
+    table = KeyTable(
+        ids=torch.arange(n), key_tokens=tokens, key_len=torch.full((n,), entry_tokens), value_tokens=tokens,
+        value_len=torch.full((n,), entry_tokens), pad_id=0, key_dim=model.memory.key_proj[1].out_features,
+        index="auto",
+    ).to(torch.device(device))  # fmt: skip
+
+    @torch.no_grad()
+    def refresh() -> tuple[float, float]:
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        keys = [model.memory.keys(table.key_tokens[i : i + 8192], table.key_len[i : i + 8192])
+                for i in range(0, n, 8192)]  # fmt: skip
+        table.set_keys(torch.cat(keys))
+        _sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    refresh()  # warm-up
+    runs = sorted(refresh() for _ in range(rounds))
+    return {"wall_s": runs[len(runs) // 2][0], "cpu_s": sorted(c for _, c in runs)[len(runs) // 2]}
 
 
 def lmlm_calls(data: Path, tok, n: int) -> tuple[list[str], list[dict[int, list[int]]]]:
@@ -211,6 +277,10 @@ def main() -> None:
     p.add_argument(
         "--rounds", type=int, default=1, help="run every design this many times in turn; keep each one's best"
     )
+    p.add_argument("--refresh-sizes", type=lambda v: [int(x) for x in v.split(",") if x], default=[10_000, 100_000],
+                   help="bank sizes at which a full PlugLM key refresh is timed (random entries)")  # fmt: skip
+    p.add_argument("--refresh-only", action="store_true",
+                   help="time only PlugLM's full key refresh at --refresh-sizes (no decoding or training)")  # fmt: skip
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--options", action="append", default=[], help="DESIGN=JSON: other options for a design")
     p.add_argument("--design", help=argparse.SUPPRESS)  # worker mode: one design, JSON on stdout
@@ -218,6 +288,9 @@ def main() -> None:
 
     if args.design:
         print(json.dumps(run_design(args)))
+        return
+    if args.refresh_only:
+        refresh_only(args)
         return
 
     from memlm.model.memory import list_memory_designs
@@ -266,6 +339,9 @@ def main() -> None:
         },
     }
     for r in rows:
+        if "key_refresh_s" in r:
+            sizes = ", ".join(f"{n}: {t}" for n, t in r["key_refresh_s"].items())
+            print(f"{r['design']}: full key refresh {sizes} (train step {1000 * r['train_step_s']:.0f} ms)")
         if "regenerate_batch1_tok_s" in r:
             rag = next((x for x in rows if x["design"] == "rag"), None)
             vs = (

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from memlm.experiment import MAIN, BenchmarkSpec, Experiment, ExperimentConfig
+from memlm.tokenizer import DB_END
 
 # What each design reads with in the demo: its shipped config's options (configs/<design>.yaml).
 # LMLM (the default): lookups resolved from the call's sentence and the names the text gives, so phrasings
@@ -159,7 +160,9 @@ def showcase(model: Path, dense: Path, data: Path, bank: Path, out_dir: Path, cf
         out(f"\n== {title} ==")
         for r, g in zip(records, gens):
             mark = "right" if exact_match(g.text, r.answer) else f"wrong, the bank says {r.answer!r}"
-            out(f"{_line(r.prompt)} {g.text.strip()}   ({mark})")
+            out(f"{_line(r.prompt)} {_answer(g.text)}   ({mark})")
+            if _answer(g.text) != g.text.strip():
+                out(f"    wrote {g.text.strip()!r}")  # the lookup the model wrote and the value it got back
             entries = gen.reader.bank.get_many(g.retrieved or [], missing_ok=True)
             for i, e in zip(g.retrieved or [], entries):
                 out(f"    used [{i}] {e.text if e is not None else '(deleted since)'}")
@@ -170,7 +173,7 @@ def showcase(model: Path, dense: Path, data: Path, bank: Path, out_dir: Path, cf
         gens = ask(gen, unseen)
         out("\n== the dense model, asked about people it never saw (it can only guess) ==")
         for r, g in zip(unseen, gens):
-            out(f"{_line(r.prompt)} {g.text.strip()}   (the bank says {r.answer!r})")
+            out(f"{_line(r.prompt)} {_answer(g.text)}   (the bank says {r.answer!r})")
     if out_dir.exists():
         shutil.rmtree(out_dir)  # the showcase edits a fresh copy each run; the original bank is never written
     with bank_copy(bank, keep=out_dir / "bank") as copy, Generator.from_pretrained(model, bank=copy) as gen:
@@ -190,8 +193,8 @@ def showcase(model: Path, dense: Path, data: Path, bank: Path, out_dir: Path, cf
         (after,) = ask(gen, [q])  # the reader re-encodes and re-indexes the changed entry on this query
         seconds = time.perf_counter() - t0
         out(f"\n== edit: [{eid}] {e['old_object']!r} -> {e['object']!r} in the bank copy; no training ==")
-        out(f"before: {_line(q.prompt)} {before[j].text.strip()}")
-        out(f"after:  {_line(q.prompt)} {after.text.strip()}   (edit to answer: {seconds:.2f} s)")
+        out(f"before: {_line(q.prompt)} {_answer(before[j].text)}")
+        out(f"after:  {_line(q.prompt)} {_answer(after.text)}   (edit to answer: {seconds:.2f} s)")
         shown["edit"] = {"entry": eid, "old": e["old_object"], "new": e["object"], "seconds": seconds,
                          "before": before[j].text.strip(), "after": after.text.strip()}  # fmt: skip
 
@@ -203,8 +206,8 @@ def showcase(model: Path, dense: Path, data: Path, bank: Path, out_dir: Path, cf
         copy.delete([did])
         (after,) = ask(gen, [q])
         out(f"\n== delete: [{did}] {text!r} from the bank copy ==")
-        out(f"before: {_line(q.prompt)} {gens[k].text.strip()}")
-        out(f"after:  {_line(q.prompt)} {after.text.strip()}   (now reads {after.retrieved})")
+        out(f"before: {_line(q.prompt)} {_answer(gens[k].text)}")
+        out(f"after:  {_line(q.prompt)} {_answer(after.text)}   (now reads {after.retrieved})")
         shown["delete"] = {"entry": did, "before": gens[k].text.strip(), "after": after.text.strip(),
                            "old_answer_still_given": exact_match(after.text, q.answer)}  # fmt: skip
     return shown
@@ -236,3 +239,8 @@ def _row(r, g) -> dict:
 
 def _line(prompt: str) -> str:
     return " ".join(prompt.split())  # "Q: ...?\nA:" on one line
+
+
+def _answer(text: str) -> str:
+    """What the reader sees: the text after the last lookup (LMLM writes ``<|db_entity|> ... <|db_end|>``)."""
+    return text.rsplit(DB_END, 1)[-1].strip()

@@ -185,6 +185,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=config.init_std / (2 * config.n_layer) ** 0.5)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        design.bind(self)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):

@@ -81,6 +81,10 @@ class MemoryDesign:
     def layer_hooks(self, config: ModelConfig, layer_idx: int) -> LayerHooks:
         return LayerHooks()
 
+    def bind(self, model: nn.Module) -> None:
+        """Called once the model is built: the shared module may keep plain references to backbone parts
+        (PlugLM's knowledge encoder reads the token embedding) without registering them twice."""
+
     def options(self, config: ModelConfig) -> Any:
         return parse_options(self.options_class, config.memory_options, design=self.name)
 

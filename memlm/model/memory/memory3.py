@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.memory3_store import FORMATS, Encoded, MemoryStore
-from memlm.model.memory.rag import RAGReader, _names, query_text
+from memlm.model.memory.rag import RAGReader, _names, object_pools, object_swapper, query_text
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
 from memlm.model.memory.registry import register_memory_design
 
@@ -451,7 +451,9 @@ class Memory3Reader(RAGReader):
             rewrite, first_query = None, query_text(text, o.query_chars)
             # New objects for what the first chunk reads (as RAG), applied to everything the document reads.
             if swap > 0:
-                rewrite = self._swapper(self._entries(self._hits([first_query])[0]), rng, swap)
+                if self._pools is None:
+                    self._pools = object_pools(self.bank, self.namespaces)
+                rewrite = object_swapper(self._entries(self._hits([first_query])[0]), rng, swap, self._pools)
                 text = rewrite(text)
             query, q, rest = self._layout(text)
             row = [tok.bos_id, *q, *rest]

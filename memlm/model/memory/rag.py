@@ -126,6 +126,48 @@ def query_text(text: str, max_chars: int = 512) -> str:
     return text[: cut if cut > 0 else max_chars]
 
 
+def swap_objects(
+    text: str, entries: Sequence, rng: random.Random, p: float, pools: dict[str, list[str]]
+) -> tuple[str, list[str]]:
+    """Replace the objects of some triples (each with probability ``p``) by other values of their relation,
+    in the entries' texts and in ``text`` alike. ``entries``: anything with ``relation``, ``object``, ``text``;
+    ``pools``: relation -> its values (:func:`object_pools`). Returns the new text and the entries' new texts."""
+    sub = object_swapper(entries, rng, p, pools)
+    return sub(text), [sub(e.text) for e in entries]
+
+
+def object_swapper(
+    entries: Sequence, rng: random.Random, p: float, pools: dict[str, list[str]]
+) -> Callable[[str], str]:
+    """Draw the new objects of :func:`swap_objects` and return the rewrite itself, for any text (Memory³ applies
+    it to the entries later chunks of a document read, too)."""
+    subs: dict[str, str] = {}
+    for e in entries:
+        pool = pools.get(e.relation or "", [])
+        if e.object and e.object not in subs and len(pool) > 1 and rng.random() < p:
+            new = e.object
+            while new == e.object:
+                new = pool[rng.randrange(len(pool))]
+            subs[e.object] = new
+    if not subs:
+        return lambda s: s
+    pattern = _whole_words(sorted(subs, key=len, reverse=True))  # longest first: "New York City" wins
+    return lambda s: pattern.sub(lambda m: subs[m.group(1)], s)
+
+
+def object_pools(bank, namespaces: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Relation -> the distinct objects the bank holds for it (in ``namespaces``), sorted."""
+    sql = "SELECT DISTINCT relation, object FROM entries WHERE relation IS NOT NULL AND object IS NOT NULL"
+    args: list = []
+    if namespaces is not None:
+        sql += f" AND namespace IN ({','.join('?' * len(namespaces))})"
+        args = list(namespaces)
+    pools: dict[str, list[str]] = {}
+    for rel, obj in bank.connection.execute(sql + " ORDER BY relation, object", args):
+        pools.setdefault(rel, []).append(obj)
+    return pools
+
+
 @register_memory_design("rag")
 class RAG(MemoryDesign):
     options_class = RAGOptions
@@ -254,7 +296,9 @@ class RAGReader(MemoryReader):
             )
             entry_texts = None
             if swap > 0:
-                text, entry_texts = self._swap(text, entries, rng, swap)
+                if self._pools is None:
+                    self._pools = object_pools(self.bank, self.namespaces)
+                text, entry_texts = swap_objects(text, entries, rng, swap, self._pools)
                 query = query_text(text, self.options.query_chars)
             memory = self.memory_tokens(entries, entry_texts)
             q = self.tokenizer.encode(query)
@@ -271,38 +315,3 @@ class RAGReader(MemoryReader):
         if rng.random() >= self.options.query_noise:
             return token
         return rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)  # never a special token
-
-    def _swap(self, text: str, entries: Sequence, rng: random.Random, p: float) -> tuple[str, list[str]]:
-        """Replace the objects of some triples by other values of their relation, in entries and text."""
-        sub = self._swapper(entries, rng, p)
-        return sub(text), [sub(e.text) for e in entries]
-
-    def _swapper(self, entries: Sequence, rng: random.Random, p: float) -> Callable[[str], str]:
-        """Draw new objects for some of ``entries``; return the function that rewrites any text with them
-        (Memory³ applies it to the entries later chunks read, too)."""
-        pools = self._object_pools()
-        subs: dict[str, str] = {}
-        for e in entries:
-            pool = pools.get(e.relation or "", [])
-            if e.object and e.object not in subs and len(pool) > 1 and rng.random() < p:
-                new = e.object
-                while new == e.object:
-                    new = pool[rng.randrange(len(pool))]
-                subs[e.object] = new
-        if not subs:
-            return lambda s: s
-        pattern = _whole_words(sorted(subs, key=len, reverse=True))  # longest first: "New York City" wins
-        return lambda s: pattern.sub(lambda m: subs[m.group(1)], s)
-
-    def _object_pools(self) -> dict[str, list[str]]:
-        if self._pools is None:
-            sql = "SELECT DISTINCT relation, object FROM entries WHERE relation IS NOT NULL AND object IS NOT NULL"
-            args: list = []
-            if self.namespaces is not None:
-                sql += f" AND namespace IN ({','.join('?' * len(self.namespaces))})"
-                args = list(self.namespaces)
-            pools: dict[str, list[str]] = {}
-            for rel, obj in self.bank.connection.execute(sql + " ORDER BY relation, object", args):
-                pools.setdefault(rel, []).append(obj)
-            self._pools = pools
-        return self._pools

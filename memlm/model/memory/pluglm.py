@@ -1,0 +1,347 @@
+"""PlugLM: a differentiable plug-in memory (DPM) read by knowledge attention in place of the FFN.
+
+Paper: Cheng et al., "Decouple knowledge from parameters for plug-and-play language modeling" (2023,
+arXiv 2305.11564). Every bank entry becomes a key (``key_dim``, paper 128) and a value (model width) made by a
+knowledge encoder from the model's own token embeddings with attentive pooling. In the memory layers the FFN is
+replaced (``replace_ffn``) or joined by *knowledge attention*: the position's query finds the top-N entries by
+maximum inner product over every key, the retrieved entries are re-encoded with gradient, and the position
+attends over their values with a per-head bias ``beta_h * cos(q, k)`` from the query-key similarity.
+
+What memlm does differently:
+
+- **Causal.** The paper's BERT pools its query over the whole sequence; here the query at position ``t`` is a
+  projection of the hidden state at ``t``, so it depends only on tokens ``<= t`` (``tests/test_pluglm.py``).
+  No BatchNorm on the query (the paper's): batch statistics would mix positions, future ones included.
+- **Keys from what an entry is about.** ``key: about`` (default) encodes "subject relation" of a triple, the
+  value encodes the entry's whole text: a question names its subject and relation, never its answer.
+- **Values the model can decode.** ``value: vector`` is the paper's one pooled vector per entry. ``value:
+  tokens`` keeps one value per entry *token* (its embedding, keyed by itself and its predecessor), so the layer
+  can copy a multi-token answer ("17 July 1976") token by token, the way an induction head does.
+- **Plug and play, scoped.** The reader (:mod:`memlm.model.memory.pluglm_reader`) builds the key table from the
+  bank's entries in the reader's namespaces only, follows the bank's edits, and refreshes every key from the
+  current encoder every ``refresh_every`` training steps (stale keys in between, as in the paper).
+- An auxiliary retrieval loss teaches the query where the data knows the gold entry (the entry whose object
+  the position is about to predict): cross-entropy of the gold key against the retrieved ones (``aux_weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memlm.errors import ConfigError
+from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
+from memlm.model.memory.registry import register_memory_design
+
+if TYPE_CHECKING:
+    from memlm.model.config import ModelConfig
+
+
+@dataclass
+class PlugLMOptions:
+    key_dim: int = 128  # paper: 128-d keys; the MIPS table is (entries, key_dim)
+    top_n: int = 5  # paper: top-5 entries per position
+    key: str = "about"  # what a key encodes: about (subject + relation of a triple) | text (the whole entry)
+    value: str = "vector"  # vector: one pooled vector per entry (paper) | tokens: one value per entry token
+    encoder: str = "shared"  # shared: the LM's own token embeddings (paper) | own: a separate embedding table
+    index: str = "auto"  # exact (torch matmul) | faiss (IndexFlatIP) | auto: faiss from 50,000 entries on
+    refresh_every: int = 200  # training steps between full key-table refreshes (paper: ~200); stale between
+    replace_ffn: bool = True  # True: memory layers have no FFN (paper); False: the memory joins the FFN
+    aux_weight: float = 0.5  # weight of the gold-entry retrieval loss (0: off)
+    temperature: float = 0.1  # cosine -> logits of the retrieval loss
+    beta_init: float = 5.0  # initial per-head weight of the cos(q, k) bias in knowledge attention
+    swap_prob: float = 0.5  # training: share of a sample's triples whose object is swapped (entry and text)
+    namespaces: list[str] | None = None  # retrieval scope; None: every namespace of the bank
+    entry_tokens: int = 32  # an entry's text (or about-text) is cut to this many tokens
+
+    def __post_init__(self) -> None:
+        choices = {"key": ("about", "text"), "value": ("vector", "tokens"), "encoder": ("shared", "own"),
+                   "index": ("auto", "exact", "faiss")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model.memory_options.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        for name in ("key_dim", "top_n", "refresh_every", "entry_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.swap_prob <= 1.0:
+            raise ConfigError(f"model.memory_options.swap_prob must be in [0, 1], got {self.swap_prob}")
+        if self.aux_weight < 0 or self.temperature <= 0:
+            raise ConfigError("model.memory_options.aux_weight must be >= 0 and temperature > 0")
+
+
+@dataclass
+class PlugInputs:
+    """What the reader hands the memory layers for one forward call (``MemoryContext.inputs``).
+
+    ``table`` is the reader's :class:`~memlm.model.memory.pluglm_reader.KeyTable` (every entry in scope: bank
+    ids, token ids, the possibly stale key matrix, its index). Training adds ``gold`` and ``overrides``.
+    """
+
+    table: object
+    gold: Tensor | None = None  # (B, T) table row of the entry whose object position t predicts; -1: none
+    override_rows: Tensor | None = None  # (B, J) table rows whose value this sample reads from other tokens
+    override_tokens: Tensor | None = None  # (B, J, L) those tokens (swapped objects); PAD-padded
+
+    def to(self, device: torch.device) -> PlugInputs:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        self.table.to(device)
+        return PlugInputs(self.table, move(self.gold), move(self.override_rows), move(self.override_tokens))
+
+
+class AttentivePool(nn.Module):
+    """(N, L, C) token features + (N, L) mask -> (N, C): a softmax-weighted sum (the paper's KnowEncoder).
+
+    One linear score per token: the paper's tanh-MLP scorer cost an (entries x tokens x C x C) product on
+    every re-encoded entry, the bulk of a training step at this scale."""
+
+    def __init__(self, n_embd: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(n_embd, 1, bias=False)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        w = self.score(x).squeeze(-1).masked_fill(~mask, float("-inf"))  # (N, L)
+        w = torch.nan_to_num(w.softmax(-1))  # an empty entry (no tokens) pools to zero
+        return torch.einsum("nl,nlc->nc", w, x)
+
+
+class KnowledgeEncoder(nn.Module):
+    """Entry token ids -> keys (unit vectors, ``key_dim``) and values (model width), shared by every memory
+    layer. ``encoder: shared`` reads the LM's token embedding through a plain reference set by :meth:`bind`
+    (never a second registration: safetensors refuses tensors saved under two names)."""
+
+    def __init__(
+        self, *, vocab_size: int, n_embd: int, key_dim: int, own_embedding: bool, max_len: int
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, n_embd) if own_embedding else None
+        # LayerNorms put pooled embeddings (std ~0.02) at unit scale: unit keys then have a well-conditioned
+        # gradient (normalising a tiny vector multiplies its gradient by 1 / its norm).
+        self.key_pool = AttentivePool(n_embd)
+        self.key_proj = nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, key_dim))
+        self.value_pool = AttentivePool(n_embd)
+        self.value_proj = nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, n_embd))
+        self.value_pos = nn.Embedding(max_len, n_embd)  # order inside an entry (tokens values)
+        self.prev = nn.Linear(n_embd, n_embd, bias=False)  # a value token's key also sees its predecessor
+        self.token_norm = nn.LayerNorm(n_embd)  # tokens values: unit-scale features of the vocabulary
+        self._shared: list[nn.Embedding] = []  # the LM's embedding, held outside the module tree
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def bind(self, embedding: nn.Embedding) -> None:
+        self._shared = [embedding]
+
+    def embedding(self, tokens: Tensor) -> Tensor:
+        table = self.embed if self.embed is not None else self._shared[0]
+        return table(tokens)
+
+    def keys(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """tokens (N, L), lengths (N,) -> unit keys (N, key_dim)."""
+        mask = _mask(tokens, lengths)
+        return F.normalize(self.key_proj(self.key_pool(self.embedding(tokens), mask)), dim=-1)
+
+    def values(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """tokens (N, L) -> one value per entry (N, C) (the paper's pooled value)."""
+        mask = _mask(tokens, lengths)
+        return self.value_proj(self.value_pool(self.embedding(tokens), mask))
+
+    def vocab_features(self) -> tuple[Tensor, Tensor]:
+        """Per vocabulary id: (own feature (V, C), feature as a predecessor (V, C)) for ``value: tokens``.
+
+        Computed over the vocabulary, not over every retrieved token: a value token's key is then a sum of
+        gathered rows (own + predecessor + position), so its cost does not grow with the entries read."""
+        table = self.embed if self.embed is not None else self._shared[0]
+        own = self.token_norm(table.weight)
+        return own, self.prev(own)
+
+
+def _mask(tokens: Tensor, lengths: Tensor) -> Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+
+
+class KnowledgeAttention(nn.Module):
+    """The memory layer (``ffn_branch``): h (B, T, C) -> (B, T, C) read from the top-N entries.
+
+    Retrieval is exact over the reader's key table (stale between refreshes); scoring and reading use keys and
+    values re-encoded with gradient, so the encoder, the query and the reading all train end to end."""
+
+    def __init__(
+        self, *, n_embd: int, n_head: int, key_dim: int, top_n: int, value: str, beta_init: float,
+        temperature: float, aux_weight: float, encoder: KnowledgeEncoder,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.n_head, self.top_n, self.value = n_head, top_n, value
+        self.temperature, self.aux_weight = temperature, aux_weight
+        self.query = nn.Linear(n_embd, key_dim)  # the retrieval query, from the position's own hidden state
+        self.wq = nn.Linear(n_embd, n_embd, bias=False)
+        self.wk = nn.Linear(n_embd, n_embd, bias=False)
+        self.wv = nn.Linear(n_embd, n_embd, bias=False)
+        self.wo = nn.Linear(n_embd, n_embd, bias=False)
+        self.beta = nn.Parameter(torch.full((n_head,), float(beta_init)))
+        nn.init.normal_(self.wo.weight, std=0.02 / math.sqrt(2))  # the rest: PyTorch's default init
+        self._encoder = [encoder]  # shared module: a plain reference, not a submodule
+
+    @property
+    def encoder(self) -> KnowledgeEncoder:
+        return self._encoder[0]
+
+    def forward(self, h: Tensor, memory: MemoryContext | None) -> Tensor:
+        inputs = memory.inputs if memory is not None else None
+        if not isinstance(inputs, PlugInputs) or len(inputs.table) == 0:
+            return torch.zeros_like(h)  # no memory: the layer adds nothing
+        table = inputs.table
+        B, T, C = h.shape
+        N = min(self.top_n, len(table))
+        q = F.normalize(self.query(h), dim=-1)  # (B, T, dk): from position t's hidden state only
+        rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
+
+        # Re-encode the retrieved (and gold) entries with gradient, once each.
+        gold = inputs.gold if self.training and self.aux_weight > 0 else None
+        wanted = rows.reshape(-1) if gold is None else torch.cat([rows.reshape(-1), gold[gold >= 0]])
+        uniq, inv = torch.unique(wanted, return_inverse=True)
+        if self.training:  # re-encoded with gradient (the paper); inference reads the table's fresh keys
+            keys = self.encoder.keys(table.key_tokens[uniq], table.key_len[uniq])  # (U, dk)
+        else:
+            keys = table.keys[uniq]
+        slot = inv[: B * T * N].view(B, T, N)  # value slot of each retrieved entry
+        vtok, vlen = table.value_tokens[uniq], table.value_len[uniq]
+        if inputs.override_rows is not None:  # swapped objects: this sample reads other value tokens
+            J = inputs.override_rows.shape[1]
+            ov = inputs.override_tokens.flatten(0, 1)
+            vlen = torch.cat([vlen, (ov != table.pad_id).sum(-1)])
+            vtok = _cat_padded(vtok, ov, table.pad_id)
+            hit = rows[..., None] == inputs.override_rows[:, None, None, :]  # (B, T, N, J)
+            j = hit.float().argmax(-1)
+            own = len(uniq) + torch.arange(B, device=h.device)[:, None, None] * J + j
+            slot = torch.where(hit.any(-1), own, slot)
+        s = torch.einsum("btk,btnk->btn", q, keys[inv[: B * T * N]].view(B, T, N, -1))  # (B, T, N) cosine
+
+        H, d = self.n_head, C // self.n_head
+        qh = self.wq(h).view(B, T, H, d)
+        bias = self.beta.view(1, 1, H, 1) * s[:, :, None, :]  # (B, T, H, N): paper's beta_h * cos(q, k)
+        if self.value == "vector":
+            v = self.encoder.values(vtok, vlen)  # (U', C)
+            kh, vh = self.wk(v).view(-1, H, d)[slot], self.wv(v).view(-1, H, d)[slot]  # (B, T, N, H, d)
+            att = torch.einsum("bthd,btnhd->bthn", qh, kh) / math.sqrt(d) + bias
+            out = torch.einsum("bthn,btnhd->bthd", att.softmax(-1), vh)
+        else:
+            # One value per entry token: its key holds the token, its predecessor and its position, so the
+            # query of a position that has just produced "17 July" finds "1976" (copying, token by token).
+            # Scores are taken against the whole vocabulary (one matmul) and gathered at the entries' token
+            # ids; the read is scattered back to vocabulary space: no (B, T, N, L, C) tensor is ever built.
+            k_own, k_prev, v_own = self._vocab_tables(H, d)  # (V, H, d) each
+            V = k_own.shape[0]
+            ids = vtok[slot].flatten(-2)  # (B, T, N*L) token ids of the retrieved entries
+            L = vtok.shape[1]
+            mask = (torch.arange(L, device=h.device) < vlen[slot][..., None]).flatten(-2)  # (B, T, N*L)
+            before = F.pad(vtok, (1, 0), value=table.pad_id)[:, :-1][slot].flatten(-2)  # predecessors
+            qs = qh / math.sqrt(d)
+            s_own = torch.einsum("bthd,vhd->bthv", qs, k_own)  # (B, T, H, V)
+            s_prev = torch.einsum("bthd,vhd->bthv", qs, k_prev)
+            s_pos = torch.einsum(
+                "bthd,lhd->bthl", qs, self.wk(self.encoder.value_pos.weight[:L]).view(L, H, d)
+            )
+            idx, idx_before = (x[:, :, None].expand(B, T, H, N * L) for x in (ids, before))
+            att = s_own.gather(-1, idx) + s_prev.gather(-1, idx_before) + s_pos.repeat(1, 1, 1, N)
+            att = att + bias.repeat_interleave(L, dim=-1)  # (B, T, H, N*L)
+            w = torch.nan_to_num(att.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1))
+            w_vocab = torch.zeros(B, T, H, V, dtype=w.dtype, device=h.device).scatter_add(-1, idx, w)
+            out = torch.einsum("bthv,vhd->bthd", w_vocab, v_own)
+        y = self.wo(out.reshape(B, T, C))
+
+        memory.retrieved_ids = table.ids[rows]  # (B, T, N) bank ids, best first
+        memory.retrieved_scores = s.detach()
+        if gold is not None and bool((gold >= 0).any()):
+            memory.add_loss(
+                "pluglm_retrieval", self.aux_weight * self._retrieval_loss(q, rows, keys, inv, gold)
+            )
+        return y
+
+    def _vocab_tables(self, H: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per vocabulary id: key as a token, key as a predecessor, value; each (V, H, d).
+
+        Without gradient they are cached until a weight they depend on changes (a parameter's ``_version``
+        moves with every in-place update): decoding would otherwise redo three (V x C x C) products per token."""
+        enc = self.encoder
+        table = enc.embed if enc.embed is not None else enc._shared[0]
+        params = (table.weight, enc.token_norm.weight, enc.token_norm.bias, enc.prev.weight, self.wk.weight,
+                  self.wv.weight)  # fmt: skip
+        stamp = tuple((p.data_ptr(), p._version) for p in params)  # moved or updated: recompute
+        if torch.is_grad_enabled() or getattr(self, "_vocab_stamp", None) != stamp:
+            own, prev = enc.vocab_features()
+            V = own.shape[0]
+            tables = (self.wk(own).view(V, H, d), self.wk(prev).view(V, H, d), self.wv(own).view(V, H, d))
+            if torch.is_grad_enabled():
+                return tables
+            self._vocab_cache, self._vocab_stamp = tables, stamp
+        return self._vocab_cache
+
+    def _retrieval_loss(self, q: Tensor, rows: Tensor, keys: Tensor, inv: Tensor, gold: Tensor) -> Tensor:
+        """Cross-entropy of the gold entry's (fresh) key against the retrieved ones, at positions with a gold."""
+        B, T, N = rows.shape
+        at = gold >= 0  # (B, T)
+        kg = keys[inv[B * T * N :]]  # (P, dk): gold keys, in the order of gold[at]
+        kr = keys[inv[: B * T * N].view(B, T, N)[at]]  # (P, N, dk)
+        qa = q[at]  # (P, dk)
+        logits = torch.cat([(qa * kg).sum(-1, keepdim=True), torch.einsum("pk,pnk->pn", qa, kr)], -1)
+        logits[:, 1:] = logits[:, 1:].masked_fill(rows[at] == gold[at][:, None], float("-inf"))
+        target = torch.zeros(len(qa), dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits / self.temperature, target)
+
+
+def _cat_padded(a: Tensor, b: Tensor, pad: int) -> Tensor:
+    """(N, La), (M, Lb) token rows -> (N + M, max(La, Lb)), PAD-padded."""
+    L = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(a, (0, L - a.shape[1]), value=pad), F.pad(b, (0, L - b.shape[1]), value=pad)])
+
+
+@register_memory_design("pluglm")
+class PlugLM(MemoryDesign):
+    options_class = PlugLMOptions
+    uses_bank = True
+
+    def __init__(self) -> None:
+        self._encoder: KnowledgeEncoder | None = None
+
+    def shared_module(self, config: ModelConfig) -> KnowledgeEncoder:
+        o = self.options(config)
+        self._encoder = KnowledgeEncoder(
+            vocab_size=config.vocab_size, n_embd=config.n_embd, key_dim=o.key_dim,
+            own_embedding=o.encoder == "own", max_len=o.entry_tokens,
+        )  # fmt: skip
+        return self._encoder
+
+    def layers(self, config: ModelConfig) -> list[int]:
+        """Memory layers: ``model.memory_layers``, or the one before last (a layer after it decodes values)."""
+        layers = config.memory_layers if config.memory_layers is not None else [max(config.n_layer - 2, 0)]
+        bad = [i for i in layers if not 0 <= i < config.n_layer]
+        if bad:
+            raise ConfigError(f"model.memory_layers {bad} out of range for n_layer={config.n_layer}")
+        return layers
+
+    def layer_hooks(self, config: ModelConfig, layer_idx: int) -> LayerHooks:
+        if layer_idx not in self.layers(config):
+            return LayerHooks()
+        if self._encoder is None:
+            self.shared_module(config)
+        o = self.options(config)
+        branch = KnowledgeAttention(
+            n_embd=config.n_embd, n_head=config.n_head, key_dim=o.key_dim, top_n=o.top_n, value=o.value,
+            beta_init=o.beta_init, temperature=o.temperature, aux_weight=o.aux_weight, encoder=self._encoder,
+        )  # fmt: skip
+        return LayerHooks(ffn_branch=branch, replace_ffn=o.replace_ffn)
+
+    def bind(self, model: nn.Module) -> None:
+        model.memory.bind(model.wte)
+
+    def reader(self, model, tokenizer, bank=None):
+        from memlm.model.memory.pluglm_reader import PlugLMReader
+
+        return PlugLMReader(model, tokenizer, bank, self.options(model.config))

@@ -1,0 +1,414 @@
+"""ExplicitLM: per-token retrieval (product keys over learned keys + Gumbel selection) and gated cross-attention.
+
+Shapes, backward, the coarse stage's gradient, causality, the empty-memory identity, the product-key search
+against exact search, edits that re-place an entry, deletions that leave nothing, gold labels and swaps,
+the implicit region, save/load with the bank, and a CPU training run through the CLI.
+"""
+
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+
+from memlm.bank.store import MemoryBank
+from memlm.data.bios import BiosConfig, generate_bios
+from memlm.errors import ConfigError
+from memlm.generate import Generator
+from memlm.model import GPT, ModelConfig
+from memlm.model.memory.binding import load_reader, memory_record
+from memlm.model.memory.explicitlm import ExplicitInputs
+from memlm.model.memory.pk_search import ProductKeySearch
+from memlm.tokenizer import Tokenizer
+
+OPTIONS = {"key_dim": 16, "cell_size": 2, "n_cells": 4, "fine_k": 4, "swap_prob": 0.0}
+
+
+@pytest.fixture(scope="module")
+def bios(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bios") / "b"
+    generate_bios(out, BiosConfig(people=24, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bank_dir(bios, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    with MemoryBank.create(path) as bank:
+        bank.import_jsonl(bios / "facts.jsonl")
+    return path
+
+
+@pytest.fixture
+def bank(bank_dir, tmp_path):
+    """A private copy: tests that edit it leave the module's bank alone."""
+    shutil.copytree(bank_dir, tmp_path / "bank")
+    with MemoryBank.open(tmp_path / "bank") as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bios):
+    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
+    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
+    return Tokenizer.train(texts, vocab_size=400)
+
+
+def docs(bios, n=6):
+    return [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()][:n]
+
+
+def model(gate: float = 0.0, block_size: int = 160, **options) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=400, n_layer=2, n_head=2, n_embd=32, block_size=block_size, memory="explicitlm",
+        memory_layers=[1], memory_options={**OPTIONS, **options},
+    )  # fmt: skip
+    m = GPT(cfg)
+    m.blocks[1].cross.gate.data.fill_(gate)
+    return m
+
+
+def layer(m):
+    return m.blocks[1].cross
+
+
+def test_shapes_backward_and_provenance(bios, bank, tokenizer):
+    m = model(gate=0.5).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    batch = reader.train_batch(docs(bios), rng=random.Random(0))
+    out = m(batch.input_ids, targets=batch.targets, memory=batch.memory)
+    B, T = batch.input_ids.shape
+    assert out.logits.shape == (B, T, 400)
+    ids = out.retrieval.retrieved_ids
+    assert ids.shape == (B, T, 1)
+    valid = batch.memory.inputs.valid
+    assert (ids[~valid] == -1).all() and (ids[valid] >= 0).all()  # padding reads nothing
+    assert set(ids[valid].unique().tolist()) <= {e.id for e in bank}
+    assert {"explicitlm.1.retrieval", "explicitlm.1.similarity", "explicitlm.1.diversity"} <= set(
+        out.retrieval.aux_losses
+    )
+    out.loss.backward()
+    for name, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    cross = layer(m)
+    for p in (cross.wq.weight, cross.wkv.weight, cross.wo.weight, cross.gate, m.memory.prev.weight):
+        assert p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["lm", "retrieval"])
+def test_coarse_stage_gets_gradient_in_query_projection_and_key_encoder(bios, bank, tokenizer, loss):
+    """The public code's product keys get no gradient; here the fine stage scores the coarse candidates with
+    fresh keys, so the language-model loss alone (through the straight-through weights) and the retrieval loss
+    alone both reach the query projection and the key encoder."""
+    lm_only = {"retrieval_weight": 0.0, "similarity_weight": 0.0, "diversity_weight": 0.0}
+    m = model(gate=0.5 if loss == "lm" else 0.0, **(lm_only if loss == "lm" else {})).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    batch = reader.train_batch(docs(bios), rng=random.Random(0))
+    out = m(batch.input_ids, targets=batch.targets, memory=batch.memory)
+    if loss == "lm":
+        assert not out.retrieval.aux_losses
+        out.loss.backward()
+    else:
+        out.retrieval.aux_losses["explicitlm.1.retrieval"].backward()
+    enc = m.memory
+    for p in (layer(m).query.weight, enc.key_out.weight, enc.key_gate, enc.key_mlp[0].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_retrieval_loss_teaches_the_query_to_find_the_gold_entry(bios, bank, tokenizer):
+    """A few steps of the auxiliary loss alone move the gold entry up: the coarse stage is trained, not random."""
+    m = model(similarity_weight=0.0, diversity_weight=0.0, refresh_every=5).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    texts = docs(bios, 8)
+
+    def gold_rank() -> float:
+        batch = reader.train_batch(texts)
+        at = batch.memory.inputs.gold >= 0
+        with torch.no_grad():
+            x = m.wte(batch.input_ids)
+            cos, sin = m.rope(torch.arange(x.shape[1])[None])
+            x = m.blocks[0](x, cos, sin, None, None, None)
+            h = m.blocks[1].attn(m.blocks[1].attn_norm(x), cos, sin, mask=None) + x
+            q = torch.nn.functional.normalize(layer(m).query(m.blocks[1].cross_norm(h)), dim=-1)[at]
+            keys = reader.table.encode_keys(m.memory, m.wte)
+            gold = batch.memory.inputs.gold[at]
+            scores = q @ keys[reader.table.alive].T
+            own = (q * keys[gold]).sum(-1, keepdim=True)
+        return (scores > own).float().sum(1).mean().item()
+
+    before = gold_rank()
+    for _ in range(15):
+        batch = reader.train_batch(texts)
+        out = m(batch.input_ids, targets=batch.targets, memory=batch.memory)
+        opt.zero_grad()
+        out.retrieval.aux_losses["explicitlm.1.retrieval"].backward()
+        opt.step()
+    assert gold_rank() < before / 4
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_later_tokens_never_change_earlier_logits(bios, bank, tokenizer, training):
+    m = model(gate=0.5).train(training)
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    doc = docs(bios, 2)[1]
+    a = reader.train_batch([doc], train=False)
+    b = reader.train_batch(
+        [doc[: len(doc) // 2] + " Someone else did something else in Atlantis."], train=False
+    )
+    n = min(a.input_ids.shape[1], b.input_ids.shape[1])
+    cut = int(torch.nonzero(a.input_ids[0, :n] != b.input_ids[0, :n])[0])
+    torch.manual_seed(1)  # the same Gumbel noise for the shared prefix
+    la = m(a.input_ids[:, :n], memory=reader.context(gold=a.memory.inputs.gold[:, :n])).logits
+    torch.manual_seed(1)
+    lb = m(b.input_ids[:, :n], memory=reader.context(gold=b.memory.inputs.gold[:, :n])).logits
+    torch.testing.assert_close(la[:, :cut], lb[:, :cut], atol=1e-5, rtol=0)
+    assert not torch.allclose(la[:, cut:], lb[:, cut:], atol=1e-3)
+
+
+def test_gold_labels_never_change_what_is_read(bios, bank, tokenizer):
+    """The gold entry feeds the auxiliary loss only: the tokens a position is trained to predict never
+    reach its retrieval."""
+    m = model(gate=0.5).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    batch = reader.train_batch(docs(bios), train=False)
+    torch.manual_seed(1)
+    a = m(batch.input_ids, memory=batch.memory)
+    ids_a = a.retrieval.retrieved_ids.clone()
+    other = reader.context(
+        gold=torch.randint(0, len(reader.table), batch.input_ids.shape), valid=batch.memory.inputs.valid
+    )
+    torch.manual_seed(1)
+    b = m(batch.input_ids, memory=other)
+    assert torch.equal(ids_a, b.retrieval.retrieved_ids)  # the same entries read
+    torch.testing.assert_close(
+        a.logits, b.logits, atol=1e-5, rtol=0
+    )  # (keys batched differently: float noise)
+
+
+def test_closed_gate_or_empty_bank_gives_exactly_the_base_model(bios, bank, tokenizer):
+    m = model(gate=0.0).eval()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    x = reader.train_batch(docs(bios), train=False).input_ids
+    base = m(x).logits
+    dense = GPT(ModelConfig(vocab_size=400, n_layer=2, n_head=2, n_embd=32, block_size=160)).eval()
+    dense.load_state_dict({k: v for k, v in m.state_dict().items() if k in dense.state_dict()})
+    assert torch.equal(dense(x).logits, base)
+    assert torch.equal(m(x, memory=reader.prompts(["x"]).memory).logits, base)  # closed gate
+    layer(m).gate.data.fill_(0.5)
+    assert not torch.allclose(m(x, memory=reader.prompts(["x"]).memory).logits, base, atol=1e-3)  # it reads
+    bank.delete([e.id for e in bank])
+    memory = reader.prompts(["x"]).memory  # refreshes: every row dead
+    assert reader.table.n_explicit == 0
+    out = m(x, memory=memory)
+    assert torch.equal(out.logits, base) and (out.retrieval.retrieved_ids == -1).all()
+
+
+def test_product_keys_equal_exact_search_when_every_cell_is_searched_and_find_most_otherwise():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(50, 32, generator=g), dim=1)
+    keys = torch.nn.functional.normalize(
+        centers.repeat(40, 1) + 0.3 * torch.randn(2000, 32, generator=g), dim=1
+    )
+    alive = torch.ones(2000, dtype=torch.bool)
+    alive[::7] = False  # dead rows are never found
+    q = torch.nn.functional.normalize(keys[:300] + 0.05 * torch.randn(300, 32, generator=g), dim=1)
+    s = ProductKeySearch(32, cell_size=8, topk_half=4, n_cells=8, cell_cap=10_000)
+    s.fit(keys, alive)
+    K = s.n_keys
+    assert K == math.ceil(math.sqrt(alive.sum() / 8)) and s.unreachable == 0
+    exact_s, exact_r = s.exact(q, 5)
+    approx_s, approx_r = s.search(q, 5)
+    assert (approx_r[:, 0] == exact_r[:, 0]).float().mean() > 0.9  # O(sqrt N) search, high recall
+    assert not torch.isin(approx_r, torch.nonzero(~alive).flatten()).any()
+    full = ProductKeySearch(32, cell_size=8, topk_half=K, n_cells=K * K, cell_cap=10_000)
+    full.fit(keys, alive)
+    full_s, full_r = full.search(q, 5)
+    assert torch.equal(full_r, exact_r)
+    torch.testing.assert_close(full_s, exact_s)
+    # candidates per query: n_cells * cap, not N
+    assert s.candidates(q).shape[1] == 8 * s.cap < 2000 / 4
+
+
+def test_a_crowded_cell_spills_into_the_next_best_cells_so_every_row_stays_findable():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.nn.functional.normalize(torch.randn(200, 32, generator=g), dim=1)
+    crowd = torch.nn.functional.normalize(spread[0] + 0.01 * torch.randn(60, 32, generator=g), dim=1)
+    s = ProductKeySearch(32, cell_size=8, topk_half=6, n_cells=16, cell_cap=8)
+    s.fit(torch.cat([spread, crowd]), torch.ones(260, dtype=torch.bool))
+    assert s.unreachable == 0 and int(s.count.max()) <= 8  # 61 near-identical keys: no cell holds them all
+    found = s.candidates(crowd.mean(0, keepdim=True))[0]
+    assert torch.isin(torch.tensor([0, *range(200, 260)]), found).float().mean() > 0.9
+
+
+def test_an_edit_re_places_the_entry_and_a_deletion_leaves_nothing(bios, bank, tokenizer):
+    m = model().eval()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    reader.prompts(["x"])  # keys and cells built
+    table, search = reader.table, reader.table.search
+    entry = next(e for e in bank if e.relation == "employer")
+    row = reader._row_of[entry.id]
+    old_key, old_cell, old_text = (
+        search.keys[row].clone(),
+        int(search.cell[row]),
+        table.text_tokens[row].clone(),
+    )
+    # The key is made from what the entry is about: a new object changes what is read, not where it sits.
+    bank.update(entry.id, object="Zebra Works")
+    assert reader.refresh() == 1
+    torch.testing.assert_close(search.keys[row], old_key)
+    assert not torch.equal(table.text_tokens[row], old_text)
+    assert "Zebra Works" in tokenizer.decode(table.text_tokens[row].tolist())
+    # A new subject is a new key: the entry moves to the cell of its new key, and is found by it.
+    bank.update(entry.id, subject="Quentin X. Zanzibar")
+    reader.refresh()
+    new_key = search.keys[row]
+    fresh = table.encode_keys(m.memory, m.wte, torch.tensor([row]))[0]
+    torch.testing.assert_close(new_key, fresh)
+    assert not torch.allclose(new_key, old_key) and int(search.cell[row]) == int(
+        search.cells_of(new_key[None])[0]
+    )
+    assert search.search(new_key[None], 1)[1][0, 0] == row
+    assert int(search.cell[row]) != old_cell or search.n_keys == 1
+    assert "Quentin X. Zanzibar" in reader._by_subject and reader._facts[row].subject == "Quentin X. Zanzibar"
+    # Deleted: the row is dead, its tokens gone, its token cache dropped; no query can return it.
+    victims = [e for e in bank if e.subject == entry.subject or e.id == entry.id]
+    hashes = {e.content_hash for e in victims}
+    bank.delete([e.id for e in victims])
+    reader.refresh()
+    rows = torch.tensor([reader._row_of.get(e.id, -1) for e in victims])
+    assert (rows == -1).all()
+    dead = ~table.alive
+    assert dead.sum() == len(victims)
+    assert (table.text_tokens[dead] == tokenizer.pad_id).all() and (
+        table.key_tokens[dead] == tokenizer.pad_id
+    ).all()
+    assert (table.ids[dead] == -1).all() and not (set(reader._tokens) & hashes)
+    assert not search.alive[dead].any() and not torch.isin(search.order, torch.nonzero(dead).flatten()).any()
+    _, found = search.exact(search.keys[dead], 3)
+    assert not torch.isin(found, torch.nonzero(dead).flatten()).any()
+
+
+def test_gold_labels_point_at_the_objects_and_swaps_change_entry_and_text_alike(bios, bank, tokenizer):
+    m = model(swap_prob=1.0, block_size=512).train()  # no document is cut
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    texts = [d for d in docs(bios, 40) if not d.startswith("Q:")][:3] + [
+        d for d in docs(bios, 40) if d.startswith("Q:")
+    ][:3]
+    plain = reader.train_batch(texts, train=False)
+    assert plain.memory.inputs.swap_rows.numel() == 0
+    inputs = plain.memory.inputs
+    for b in range(len(texts)):
+        labelled = torch.nonzero(inputs.gold[b] >= 0).flatten()
+        assert len(labelled)
+        for pos in labelled.tolist():
+            entry = bank.get(int(reader.table.ids[inputs.gold[b, pos]]))
+            piece = tokenizer.decode([int(plain.targets[b, pos])]).strip()
+            assert piece and piece in entry.object  # the target token spells the labelled entry's object
+            assert entry.subject in texts[b]
+    swapped = reader.train_batch(texts, rng=random.Random(0))
+    s = swapped.memory.inputs
+    assert (s.swap_rows >= 0).sum() >= 3
+    for b in range(len(texts)):
+        doc = tokenizer.decode(swapped.input_ids[b].tolist())
+        for j in torch.nonzero(s.swap_rows[b] >= 0).flatten().tolist():
+            entry = bank.get(int(reader.table.ids[s.swap_rows[b, j]]))
+            new_text = tokenizer.decode(s.swap_tokens[b, j].tolist())
+            assert new_text != entry.text and entry.object not in new_text
+            new_obj = new_text[len(entry.text) - len(entry.object) - 1 : -1]
+            assert new_obj in doc and entry.object not in doc
+
+
+def test_implicit_region_is_a_flagged_store_the_optimiser_trains_and_the_bank_is_never_rewritten(
+    bios, bank, tokenizer
+):
+    assert model().memory.implicit is None  # ratio 0: no slots at all
+    m = model(gate=0.5, implicit_ratio=0.5, bank_size=len(bank)).train()
+    slots = m.memory.implicit
+    assert slots.flag == "implicit" and slots.keys.shape == (len(bank), 16)
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    before = bank.content_fingerprint()
+    batch = reader.train_batch(docs(bios), rng=random.Random(0))
+    tokens = reader.table.text_tokens[reader.table.M :].clone()
+    # Make every query find a slot: slot keys = the queries' own direction.
+    with torch.no_grad():
+        slots.keys.copy_(layer(m).query.weight.sum(1).expand_as(slots.keys))
+    reader.refresh_keys()
+    out = m(batch.input_ids, targets=batch.targets, memory=batch.memory)
+    ids = out.retrieval.retrieved_ids[batch.memory.inputs.valid]
+    assert (ids <= -2).any()  # slots are read, reported apart from bank ids (-2 - slot)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    old = slots.states.detach().clone()
+    out.loss.backward()
+    opt.step()
+    assert not torch.equal(slots.states, old)  # the optimiser trains the slots ...
+    assert torch.equal(reader.table.text_tokens[reader.table.M :], tokens)  # ... never the bank's entries
+    assert bank.content_fingerprint() == before
+
+
+def test_save_and_load_with_the_bank(bios, bank, tokenizer, tmp_path):
+    m = model(gate=0.5).eval()
+    m.memory.step.fill_(7)
+    folder = tmp_path / "model"
+    m.save_pretrained(folder, tokenizer=tokenizer, memory=memory_record("explicitlm", bank))
+    prompts = [json.loads(x)["prompt"] for x in (bios / "qa/unseen.jsonl").read_text().splitlines()[:4]]
+    ours = Generator(m, tokenizer, reader=load_reader(None, m, tokenizer, bank=bank)).generate(
+        prompts, max_new_tokens=4
+    )
+    with Generator.from_pretrained(folder) as gen:
+        assert int(gen.model.memory.step) == 7 and gen.reader.bank.path.resolve() == bank.path.resolve()
+        theirs = gen.generate(prompts, max_new_tokens=4)
+    for a, b in zip(ours, theirs):
+        assert a.text == b.text and a.retrieved == b.retrieved and a.retrieved
+        assert a.trace[0]["kind"] == "read"
+
+
+def test_bad_options_are_config_errors():
+    for bad, match in [({"key": "object"}, "key must be one of"), ({"key_dim": 15}, "key_dim"),
+                       ({"read_k": 9, "fine_k": 8}, "read_k"), ({"implicit_ratio": 0.5}, "bank_size"),
+                       ({"nope": 1}, "nope")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig(memory="explicitlm", memory_options=bad)
+    with pytest.raises(ConfigError, match="memory_layers"):
+        GPT(ModelConfig(n_layer=2, n_embd=32, memory="explicitlm", memory_layers=[5]))
+
+
+def test_namespaces_scope_the_table(bios, bank, tokenizer):
+    from memlm.bank.store import BankError
+
+    other = bank.add("Zed Q. Nobody works for Nowhere Ltd.", subject="Zed Q. Nobody", relation="employer",
+                     object="Nowhere Ltd", namespace="other")  # fmt: skip
+    m = model(namespaces=["bios"])
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    assert other not in reader._row_of and reader.table.n_explicit == len(bank) - 1
+    with pytest.raises(BankError, match="no entries in namespaces"):
+        load_reader(None, model(namespaces=["geo"]), tokenizer, bank=bank)
+    assert isinstance(reader.prompts(["x"]).memory.inputs, ExplicitInputs)
+
+
+@pytest.mark.slow
+def test_cpu_training_run_through_the_cli(bios, bank_dir, tmp_path):
+    from memlm.cli import main
+
+    out = tmp_path / "run"
+    args = [
+        "train", "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2",
+        "--model.n_embd", "32", "--model.block_size", "160", "--model.memory", "explicitlm",
+        "--model.memory_options", json.dumps({**OPTIONS, "swap_prob": 0.5, "refresh_every": 2}),
+        "--data.train", str(bios / "corpus/train.jsonl"), "--data.bank", str(bank_dir), "--data.val_fraction", "0.1",
+        "--train.batch_size", "8", "--train.max_steps", "6", "--train.warmup_steps", "2", "--train.eval_every", "3",
+        "--train.eval_batches", "1", "--train.save_every", "3", "--train.log_every", "2", "--train.progress", "false",
+        "--out_dir", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r.get("loss", r.get("val_loss")))) for r in metrics)
+    assert json.loads((out / "final/memory.json").read_text())["design"] == "explicitlm"
+    assert main(["eval", "qa", "--model", str(out / "final"), "--data", str(bios), "--split", "unseen",
+                 "--limit", "6", "--max-new-tokens", "4"]) == 0  # fmt: skip
+    report = json.loads((out / "final/eval/qa_unseen.json").read_text())
+    assert report["retrieval"]["n"] == 6

@@ -1,0 +1,306 @@
+"""PlugLM: knowledge attention over the top-N bank entries inside the model, causal, scoped, refreshable."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from memlm.bank.store import MemoryBank
+from memlm.data.bios import BiosConfig, generate_bios
+from memlm.generate import Generator
+from memlm.model import GPT, ModelConfig
+from memlm.model.memory import MemoryContext
+from memlm.model.memory.binding import load_reader, memory_record
+from memlm.model.memory.pluglm import PlugInputs
+from memlm.model.memory.pluglm_reader import KeyTable
+from memlm.tokenizer import Tokenizer
+
+N = 3
+
+
+@pytest.fixture(scope="module")
+def bios(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bios") / "b"
+    generate_bios(out, BiosConfig(people=24, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bank_dir(bios, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    with MemoryBank.create(path) as bank:
+        bank.import_jsonl(bios / "facts.jsonl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bios):
+    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
+    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
+    return Tokenizer.train(texts, vocab_size=400)
+
+
+def docs(bios):
+    return [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
+
+
+def plug_model(**options) -> GPT:
+    torch.manual_seed(0)
+    opts = {"key_dim": 16, "top_n": N, "entry_tokens": 24, **options}
+    cfg = ModelConfig(
+        vocab_size=400, n_layer=3, n_head=2, n_embd=32, block_size=224, memory="pluglm", memory_layers=[1],
+        memory_options=opts,
+    )  # fmt: skip
+    return GPT(cfg)
+
+
+@pytest.mark.parametrize("value", ["vector", "tokens"])
+def test_shapes_backward_and_gold_labels(bios, bank_dir, tokenizer, value):
+    model = plug_model(value=value).train()
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.train_batch(docs(bios)[:6])  # no rng: no swaps, objects as in the bank
+        B, T = batch.input_ids.shape
+        gold = batch.memory.inputs.gold
+        assert gold.shape == (B, T) and (gold >= 0).sum() > 10
+        # each run of labelled positions predicts exactly its gold entry's object, and nothing else is labelled
+        spans = 0
+        for b in range(B):
+            runs: list[tuple[int, list[int]]] = []
+            for t in range(T):
+                g = int(gold[b, t])
+                if g >= 0 and runs and runs[-1][0] == g and runs[-1][1][-1] == t - 1:
+                    runs[-1][1].append(t)
+                elif g >= 0:
+                    runs.append((g, [t]))
+            for g, ts in runs:
+                entry = bank.get(int(reader.table.ids[g]))
+                assert tokenizer.decode(batch.targets[b, ts].tolist()).strip() == entry.object
+                spans += 1
+        assert spans >= 6
+        batch = reader.train_batch(docs(bios)[:6], rng=random.Random(0))
+        B, T = batch.input_ids.shape
+        out = model(batch.input_ids, targets=batch.targets, memory=batch.memory)
+    assert out.logits.shape == (B, T, 400)
+    assert out.retrieval.retrieved_ids.shape == (B, T, N)
+    assert "pluglm_retrieval" in out.retrieval.aux_losses
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    layer = "blocks.1.memory."
+    for name in (f"{layer}query.weight", f"{layer}wq.weight", f"{layer}wk.weight", f"{layer}wv.weight",
+                 f"{layer}beta", "memory.key_proj.1.weight", "wte.weight"):  # fmt: skip
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    pooled = "memory.value_proj.1.weight" if value == "vector" else "memory.prev.weight"
+    assert grads[pooled].abs().sum() > 0
+
+
+def test_swaps_change_entry_and_text_alike(bios, bank_dir, tokenizer):
+    model = plug_model(swap_prob=1.0)
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        doc = next(d for d in docs(bios) if d.startswith("Q:"))
+        batch = reader.train_batch([doc], rng=random.Random(0))
+        inputs = batch.memory.inputs
+        rows = [int(r) for r in inputs.override_rows[0] if r >= 0]
+        j = next(j for j, r in enumerate(rows) if bank.get(int(reader.table.ids[r])).object in doc)
+        entry = bank.get(int(reader.table.ids[rows[j]]))
+        value = tokenizer.decode(inputs.override_tokens[0, j].tolist())
+        text = tokenizer.decode(batch.input_ids[0].tolist())
+    assert entry.object not in value and entry.object not in text
+    head, tail = entry.text.split(entry.object)
+    new = value.removeprefix(head).removesuffix(tail)  # the swapped object, read from the entry's value
+    assert new and text.endswith("A: " + new)
+
+
+@pytest.mark.parametrize("value", ["vector", "tokens"])
+def test_causal_later_tokens_never_change_earlier_logits(bios, bank_dir, tokenizer, value):
+    model = plug_model(value=value).eval()
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.train_batch(docs(bios)[:2], train=False)
+        x = batch.input_ids[:1, :40].clone()
+        y = x.clone()
+        y[0, 25:] = torch.randint(5, 400, (15,))
+        with torch.no_grad():
+            a = model(x, memory=MemoryContext(inputs=PlugInputs(reader.table)))
+            ids_a = a.retrieval.retrieved_ids.clone()
+            b = model(y, memory=MemoryContext(inputs=PlugInputs(reader.table)))
+    torch.testing.assert_close(a.logits[:, :25], b.logits[:, :25])
+    assert torch.equal(ids_a[:, :25], b.retrieval.retrieved_ids[:, :25])
+    assert not torch.equal(ids_a[:, 25:], b.retrieval.retrieved_ids[:, 25:])  # later queries did move
+
+
+def test_inference_cache_follows_weight_updates(bios, bank_dir, tokenizer):
+    model = plug_model(value="tokens").eval()
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.prompts(["Q: Where was Laura F. Glenholm born?\nA:"])
+        x = torch.tensor(batch.token_ids)
+        with torch.no_grad():
+            cached = model(x, memory=batch.memory).logits
+            model.blocks[1].memory.wv.weight.mul_(3.0)  # an in-place update, as an optimizer makes
+            after = model(x, memory=batch.memory).logits
+        uncached = model(x, memory=batch.memory).logits.detach()  # with gradient: never cached
+    assert not torch.allclose(cached, after)
+    torch.testing.assert_close(after, uncached)
+
+
+def test_empty_memory_leaves_the_backbone_unchanged(tokenizer):
+    model = plug_model(replace_ffn=False).eval()
+    x = torch.randint(5, 400, (2, 12))
+    table = KeyTable(ids=torch.zeros(0, dtype=torch.long), key_tokens=torch.zeros(0, 1, dtype=torch.long),
+                     key_len=torch.zeros(0, dtype=torch.long), value_tokens=torch.zeros(0, 1, dtype=torch.long),
+                     value_len=torch.zeros(0, dtype=torch.long), pad_id=0, key_dim=16)  # fmt: skip
+    with torch.no_grad():
+        empty = model(x, memory=MemoryContext(inputs=PlugInputs(table))).logits
+        none = model(x).logits
+        branch, model.blocks[1].memory = model.blocks[1].memory, None  # the backbone without the branch
+        plain = model(x).logits
+        model.blocks[1].memory = branch
+    torch.testing.assert_close(empty, plain)
+    torch.testing.assert_close(none, plain)
+
+
+def test_exact_and_faiss_give_the_same_top_n():
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(5000, 32, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=-1)
+    tables = {}
+    for kind in ("exact", "faiss"):
+        t = KeyTable(ids=torch.arange(5000), key_tokens=torch.zeros(5000, 1, dtype=torch.long),
+                     key_len=torch.ones(5000, dtype=torch.long), value_tokens=torch.zeros(5000, 1, dtype=torch.long),
+                     value_len=torch.ones(5000, dtype=torch.long), pad_id=0, key_dim=32, index=kind)  # fmt: skip
+        t.set_keys(keys)
+        tables[kind] = t
+    assert tables["faiss"]._faiss is not None and tables["exact"]._faiss is None
+    exact, faiss = tables["exact"].search(queries, 8), tables["faiss"].search(queries, 8)
+    assert torch.equal(exact, faiss)
+    brute = (queries @ keys.T).argsort(dim=-1, descending=True)[:, :8]
+    assert torch.equal(exact, brute)
+
+
+def test_namespaces_scope_retrieval_and_plug_in_out_without_training(bios, tokenizer, tmp_path):
+    facts = [json.loads(x) for x in (bios / "facts.jsonl").read_text().splitlines()]
+    half = len(facts) // 2
+    with MemoryBank.create(tmp_path / "bank") as bank:
+        bank.add_many([{**f, "namespace": "a"} for f in facts[:half]])
+        model = plug_model().eval()
+        scoped = load_reader(None, model, tokenizer, bank=bank)
+        assert scoped.refresh() > 0
+        a_ids = {e.id for e in bank.iter_entries(["a"])}
+        # plug in: a new namespace, no training; the next prompt reads it
+        bank.add_many([{**f, "namespace": "b"} for f in facts[half:]])
+        assert scoped.refresh() > 0
+        b_ids = {e.id for e in bank.iter_entries(["b"])}
+        assert set(scoped.table.ids.tolist()) == a_ids | b_ids
+        only_a = plug_model(namespaces=["a"]).eval()
+        only_a.load_state_dict(model.state_dict())
+        reader_a = load_reader(None, only_a, tokenizer, bank=bank)
+        prompts = [f"Q: Where was {f['subject']} born?\nA:" for f in facts[half::7]]
+        gen = Generator(only_a, tokenizer, reader=reader_a).generate(prompts, max_new_tokens=3)
+        seen = {i for g in gen for i in g.retrieved}
+        assert seen and seen <= a_ids
+        # any query at all: a scoped table holds no other namespace's entry to return
+        rows = reader_a.table.search(torch.nn.functional.normalize(torch.randn(500, 16), dim=-1), N)
+        assert set(reader_a.table.ids[rows].flatten().tolist()) <= a_ids
+        full = Generator(model, tokenizer, reader=scoped).generate(prompts, max_new_tokens=3)
+        assert {i for g in full for i in g.retrieved} & b_ids  # unscoped, the plugged-in entries are read
+        # unplug: delete the namespace; nothing of it stays in the table or the token cache
+        bank.delete(sorted(b_ids))
+        scoped.refresh()
+        assert set(scoped.table.ids.tolist()) == a_ids
+        hashes = {h for _, h in scoped._tokens}
+        assert hashes == {e.content_hash for e in bank.iter_entries()}
+
+
+def test_edits_reach_keys_and_refresh_is_versioned(bios, bank_dir, tokenizer, tmp_path):
+    import shutil
+
+    shutil.copytree(bank_dir, tmp_path / "bank")
+    model = plug_model(refresh_every=2).train()
+    with MemoryBank.open(tmp_path / "bank") as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        versions, keys = [], []
+        for step in range(4):
+            batch = reader.train_batch(docs(bios)[step * 4 : step * 4 + 4], rng=random.Random(step))
+            versions.append(reader.table.version)
+            keys.append(reader.table.keys.clone())
+            model(batch.input_ids, targets=batch.targets, memory=batch.memory).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        # refreshed at steps 0 and 2; stale (unchanged) in between although the encoder moved
+        assert versions[1] == versions[0] and versions[2] == versions[1] + 1 and versions[3] == versions[2]
+        assert torch.equal(keys[0], keys[1]) and not torch.equal(keys[1], keys[2])
+        assert len(reader.refresh_seconds) >= 2
+        # an edit of what an entry is about changes its key at the next prompt
+        entry = next(iter(bank.iter_entries()))
+        row = int((reader.table.ids == entry.id).nonzero())
+        reader.prompts(["Q: x"])
+        before = reader.table.keys[row].clone()
+        bank.update(entry.id, subject="Someone Else Entirely")
+        reader.prompts(["Q: x"])
+        row = int((reader.table.ids == entry.id).nonzero())
+        assert not torch.allclose(before, reader.table.keys[row])
+
+
+def test_save_load_round_trip_with_the_bank(bios, bank_dir, tokenizer, tmp_path):
+    model = plug_model(value="tokens").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # not the init: the round trip must carry every weight
+    with MemoryBank.open(bank_dir) as bank:
+        model.save_pretrained(tmp_path / "m", tokenizer=tokenizer, memory=memory_record("pluglm", bank))
+    prompts = [json.loads(x)["prompt"] for x in (bios / "qa/unseen.jsonl").read_text().splitlines()[:4]]
+    with MemoryBank.open(bank_dir) as bank:
+        before = Generator(model, tokenizer, reader=load_reader(None, model, tokenizer, bank=bank))
+        a = before.generate(prompts, max_new_tokens=5)
+    with Generator.from_pretrained(tmp_path / "m") as after:
+        assert after.model.memory is not None
+        b = after.generate(prompts, max_new_tokens=5)
+    assert [g.text for g in a] == [g.text for g in b]
+    assert [g.retrieved for g in a] == [g.retrieved for g in b] and a[0].retrieved
+
+
+def test_bind_shares_the_token_embedding_without_a_second_name():
+    model = plug_model()
+    assert model.memory.embedding(torch.tensor([[7]]))[0, 0].equal(
+        model.wte.weight[7]
+    )  # GPT calls design.bind
+    assert not any(k.startswith("memory.") and "wte" in k for k in model.state_dict())
+    own = plug_model(encoder="own")
+    assert "memory.embed.weight" in own.state_dict()
+    assert not own.memory.embedding(torch.tensor([[7]]))[0, 0].equal(own.wte.weight[7])
+
+
+def test_options_are_checked():
+    from memlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="value"):
+        plug_model(value="pooled")
+    with pytest.raises(ConfigError, match="memory_layers"):
+        GPT(ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=16, memory="pluglm", memory_layers=[5]))
+
+
+@pytest.mark.slow
+def test_cpu_training_step_with_a_tiny_config(bios, bank_dir, tmp_path):
+    from memlm.cli import main
+
+    args = [
+        "train", "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2",
+        "--model.n_embd", "32", "--model.block_size", "160", "--model.memory", "pluglm",
+        "--model.memory_options", '{"key_dim": 16, "top_n": 2, "value": "tokens", "refresh_every": 2}',
+        "--data.train", str(bios / "corpus/train.jsonl"), "--data.bank", str(bank_dir), "--data.val_fraction", "0.1",
+        "--train.batch_size", "4", "--train.max_steps", "3", "--train.warmup_steps", "1", "--train.eval_every", "3",
+        "--train.eval_batches", "1", "--train.save_every", "3", "--train.log_every", "1", "--train.progress", "false",
+        "--train.memory_lr", "1e-2", "--out_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
+    assert train[0]["lr_memory"] != train[0]["lr"]
+    assert (tmp_path / "run/final/model.safetensors").is_file()
