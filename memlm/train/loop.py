@@ -284,6 +284,7 @@ class Trainer:
             seed = _step_seed(tc.seed, step, info.rank)
             torch.manual_seed(seed)
             if docs:
+                self.reader.set_step(step)
                 # Augmentation (RAG's swaps) is a function of (seed, step, rank, micro): resume stays exact.
                 micro = [
                     self.reader.train_batch(train_ds.texts(next(indices)), rng=random.Random(seed * 31 + a))

@@ -1,11 +1,13 @@
 """Memory designs plug into the backbone through per-layer hooks; each design lives in its own file.
 
-Importing this package registers every shipped design (``rag``, ``explicitlm``, ...), so ``ModelConfig.memory`` can name it.
+Importing this package registers every shipped design (``rag``, ``explicitlm``, ``memory3``, ...), so ``ModelConfig.memory``
+can name it.
 """
 
 from memlm.model.memory import (
     explicitlm,  # noqa: E402, F401  (registers "explicitlm")
     lmlm,  # noqa: E402, F401  (registers "lmlm")
+    memory3,  # noqa: E402, F401  (registers "memory3")
     pluglm,  # noqa: E402, F401  (registers "pluglm")
     rag,  # noqa: E402, F401  (registers "rag")
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,15 @@ def swap_objects(
     """Replace the objects of some triples (each with probability ``p``) by other values of their relation,
     in the entries' texts and in ``text`` alike. ``entries``: anything with ``relation``, ``object``, ``text``;
     ``pools``: relation -> its values (:func:`object_pools`). Returns the new text and the entries' new texts."""
+    sub = object_swapper(entries, rng, p, pools)
+    return sub(text), [sub(e.text) for e in entries]
+
+
+def object_swapper(
+    entries: Sequence, rng: random.Random, p: float, pools: dict[str, list[str]]
+) -> Callable[[str], str]:
+    """Draw the new objects of :func:`swap_objects` and return the rewrite itself, for any text (Memory³ applies
+    it to the entries later chunks of a document read, too)."""
     subs: dict[str, str] = {}
     for e in entries:
         pool = pools.get(e.relation or "", [])
@@ -141,10 +150,9 @@ def swap_objects(
                 new = pool[rng.randrange(len(pool))]
             subs[e.object] = new
     if not subs:
-        return text, [e.text for e in entries]
+        return lambda s: s
     pattern = _whole_words(sorted(subs, key=len, reverse=True))  # longest first: "New York City" wins
-    sub = lambda s: pattern.sub(lambda m: subs[m.group(1)], s)  # noqa: E731
-    return sub(text), [sub(e.text) for e in entries]
+    return lambda s: pattern.sub(lambda m: subs[m.group(1)], s)
 
 
 def object_pools(bank, namespaces: Sequence[str] | None = None) -> dict[str, list[str]]:

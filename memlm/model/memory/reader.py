@@ -76,6 +76,11 @@ class MemoryReader:
     def prepare_training(self, texts: Sequence[str], *, progress: bool = False) -> None:
         """Called once before training with every training document (RAG precomputes retrieval here)."""
 
+    def set_step(self, step: int) -> None:
+        """The trainer calls this before each step's batches with the step about to run (0-based): a reader
+        whose layout depends on training progress (Memory³'s warm-up stage without memory) reads it here.
+        It is a function of the step alone, so a resumed run lays out its batches as the uninterrupted one."""
+
     def train_batch(
         self, texts: Sequence[str], *, rng: random.Random | None = None, train: bool = True
     ) -> TrainBatch:
