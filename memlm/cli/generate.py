@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate text from a trained model",
         description="Generate from a model folder (model.safetensors, config.json, tokenizer.json).",
     )
-    p.add_argument("--model", required=True, type=Path, help="model folder, e.g. runs/demo/runs/bios/rag/train/final")
+    p.add_argument(
+        "--model", required=True, type=Path, help="model folder, e.g. runs/demo/runs/bios/rag/train/final"
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     p.add_argument(
         "--prompts-file",
