@@ -13,3 +13,35 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+# The memory designs' tests share one tiny bios benchmark, its bank and a tokenizer (per test module: a module
+# that needs a private copy, or another tokenizer, defines its own fixture of the same name).
+@pytest.fixture(scope="module")
+def bios(tmp_path_factory):
+    from memlm.data.bios import BiosConfig, generate_bios
+
+    out = tmp_path_factory.mktemp("bios") / "b"
+    generate_bios(out, BiosConfig(people=24, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bank_dir(bios, tmp_path_factory):
+    from memlm.bank.store import MemoryBank
+
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    with MemoryBank.create(path) as bank:
+        bank.import_jsonl(bios / "facts.jsonl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bios):
+    import json
+
+    from memlm.tokenizer import Tokenizer
+
+    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
+    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
+    return Tokenizer.train(texts, vocab_size=400)

@@ -14,31 +14,14 @@ import pytest
 import torch
 
 from memlm.bank.store import MemoryBank
-from memlm.data.bios import BiosConfig, generate_bios
 from memlm.errors import ConfigError
 from memlm.generate import Generator
 from memlm.model import GPT, ModelConfig
 from memlm.model.memory.binding import load_reader, memory_record
 from memlm.model.memory.explicitlm import ExplicitInputs
 from memlm.model.memory.pk_search import ProductKeySearch
-from memlm.tokenizer import Tokenizer
 
 OPTIONS = {"key_dim": 16, "cell_size": 2, "n_cells": 4, "fine_k": 4, "swap_prob": 0.0}
-
-
-@pytest.fixture(scope="module")
-def bios(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bios") / "b"
-    generate_bios(out, BiosConfig(people=24, seed=0))
-    return out
-
-
-@pytest.fixture(scope="module")
-def bank_dir(bios, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bank") / "bank"
-    with MemoryBank.create(path) as bank:
-        bank.import_jsonl(bios / "facts.jsonl")
-    return path
 
 
 @pytest.fixture
@@ -47,13 +30,6 @@ def bank(bank_dir, tmp_path):
     shutil.copytree(bank_dir, tmp_path / "bank")
     with MemoryBank.open(tmp_path / "bank") as b:
         yield b
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bios):
-    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
-    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
-    return Tokenizer.train(texts, vocab_size=400)
 
 
 def docs(bios, n=6):

@@ -12,7 +12,6 @@ import torch
 
 from memlm.bank.store import MemoryBank
 from memlm.data.annotate import annotate_ids, parse_calls
-from memlm.data.bios import BiosConfig, generate_bios
 from memlm.errors import ConfigError
 from memlm.generate import GenerationConfig, Generator, decode
 from memlm.model import GPT, ModelConfig
@@ -23,21 +22,6 @@ from memlm.tokenizer import DB_END, DB_ENTITY, DB_RELATIONSHIP, DB_RETURN, Token
 
 # lookup_steps 0: decodes run exactly max_new_tokens steps, as the token-by-token comparisons below assume
 OPTIONS = {"encoder": "hashing:256", "threshold": 0.5, "unknown_prob": 0.0, "lookup_steps": 0}
-
-
-@pytest.fixture(scope="module")
-def bios(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bios") / "b"
-    generate_bios(out, BiosConfig(people=24, seed=0))
-    return out
-
-
-@pytest.fixture(scope="module")
-def bank_dir(bios, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bank") / "bank"
-    with MemoryBank.create(path) as bank:
-        bank.import_jsonl(bios / "facts.jsonl")
-    return path
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from memlm.bank.store import MemoryBank
-from memlm.data.bios import BiosConfig, generate_bios
 from memlm.errors import ConfigError
 from memlm.generate import DecodeState, Generator
 from memlm.model import GPT, ModelConfig
@@ -29,17 +28,9 @@ from memlm.model.memory.memory3_store import (
     full_kv_bytes,
 )
 from memlm.model.memory.rag import query_text
-from memlm.tokenizer import Tokenizer
 
 KEEP = 4
 OPTIONS = {"k": 3, "keep": KEEP, "chunk": 8, "encoder": "hashing:64", "storage": "fp32", "max_overlap": 1.0}
-
-
-@pytest.fixture(scope="module")
-def bios(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bios") / "b"
-    generate_bios(out, BiosConfig(people=24, seed=0))
-    return out
 
 
 @pytest.fixture()
@@ -48,13 +39,6 @@ def bank_dir(bios, tmp_path):
     with MemoryBank.create(path) as bank:
         bank.import_jsonl(bios / "facts.jsonl")
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bios):
-    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
-    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
-    return Tokenizer.train(texts, vocab_size=400)
 
 
 def m3_model(**options) -> GPT:

@@ -8,38 +8,14 @@ import pytest
 import torch
 
 from memlm.bank.store import MemoryBank
-from memlm.data.bios import BiosConfig, generate_bios
 from memlm.generate import Generator
 from memlm.model import GPT, ModelConfig
 from memlm.model.memory import MemoryContext
 from memlm.model.memory.binding import load_reader, memory_record
 from memlm.model.memory.pluglm import PlugInputs
 from memlm.model.memory.pluglm_reader import KeyTable
-from memlm.tokenizer import Tokenizer
 
 N = 3
-
-
-@pytest.fixture(scope="module")
-def bios(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bios") / "b"
-    generate_bios(out, BiosConfig(people=24, seed=0))
-    return out
-
-
-@pytest.fixture(scope="module")
-def bank_dir(bios, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bank") / "bank"
-    with MemoryBank.create(path) as bank:
-        bank.import_jsonl(bios / "facts.jsonl")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bios):
-    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
-    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
-    return Tokenizer.train(texts, vocab_size=400)
 
 
 def docs(bios):

@@ -8,37 +8,14 @@ import pytest
 import torch
 
 from memlm.bank.store import BankError, MemoryBank
-from memlm.data.bios import BiosConfig, generate_bios
 from memlm.generate import Generator
 from memlm.model import GPT, ModelConfig
 from memlm.model.memory.binding import load_reader, memory_record, write_memory_record
 from memlm.model.memory.rag import query_text
-from memlm.tokenizer import MEM, Tokenizer
+from memlm.tokenizer import MEM
 
 K = 3
 OPTIONS = {"k": K, "encoder": "hashing:64", "swap_prob": 0.0}
-
-
-@pytest.fixture(scope="module")
-def bios(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bios") / "b"
-    generate_bios(out, BiosConfig(people=24, seed=0))
-    return out
-
-
-@pytest.fixture(scope="module")
-def bank_dir(bios, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bank") / "bank"
-    with MemoryBank.create(path) as bank:
-        bank.import_jsonl(bios / "facts.jsonl")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bios):
-    texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
-    texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
-    return Tokenizer.train(texts, vocab_size=400)
 
 
 def rag_model(**options) -> GPT:
