@@ -56,9 +56,8 @@ class DemoConfig:
         default_factory=lambda: {"vocab_size": 2048, "n_layer": 4, "n_head": 4, "n_embd": 128}
     )
     encoder: str = "minilm"  # the bank's encoder
-    parallel: bool = (
-        True  # train dense and the memory model at once, one thread each (2 cores: half the time)
-    )
+    # Train dense and the memory model at once, one thread each (on 2 cores: half the time).
+    parallel: bool = True
 
     def options(self) -> dict[str, Any]:
         if self.design_options is not None:
