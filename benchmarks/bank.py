@@ -126,6 +126,20 @@ def percentiles(ms: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
+def edit_latency(bank, retriever, ids: list[int], text) -> dict:
+    """Update each entry to ``text(j)`` and time until the next search returns it: p50/p99 ms and the share
+    of edits that search found at top-1."""
+    lat, ok = [], 0
+    for j, eid in enumerate(ids):
+        new = text(j)
+        t = time.perf_counter()
+        bank.update(eid, text=new)
+        hit = retriever.search_entries([new], k=1)[0]
+        lat.append(1e3 * (time.perf_counter() - t))
+        ok += bool(hit) and hit[0].entry.id == eid
+    return percentiles(lat) | {"visible_to_next_search": f"{ok}/{len(ids)}"}
+
+
 def timed_queries(search, queries: np.ndarray, batch: int) -> tuple[dict, np.ndarray]:
     """Latency per call (ms) over the queries in batches of `batch`; returns stats and all ids (Q, 10)."""
     out, lat = [], []
@@ -284,19 +298,9 @@ def main() -> None:
         keep.meta = {"bank_version": bank.version, "fingerprint": enc.fingerprint, "kind": "faiss"}
         retriever = Retriever(bank, enc, keep)
         faiss.omp_set_num_threads(1)
-        lat, ok = [], 0
-        for j, eid in enumerate(qrng.choice(ids, args.edits, replace=False).tolist()):
-            new_text = f"Edited person {j} now lives on the moon base Tranquility {j}."
-            t = time.perf_counter()
-            bank.update(eid, text=new_text)
-            hit = retriever.search_entries([new_text], k=1)[0]
-            lat.append(1e3 * (time.perf_counter() - t))
-            ok += bool(hit) and hit[0].entry.id == eid
-        res["edit"] = percentiles(lat) | {
-            "visible_to_next_search": f"{ok}/{args.edits}",
-            "index": "ivf",
-            "setting": best,
-        }
+        edited = qrng.choice(ids, args.edits, replace=False).tolist()
+        text = lambda j: f"Edited person {j} now lives on the moon base Tranquility {j}."  # noqa: E731
+        res["edit"] = edit_latency(bank, retriever, edited, text) | {"index": "ivf", "setting": best}
         print("edit", json.dumps(res["edit"]), flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         del keep, retriever

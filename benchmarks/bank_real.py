@@ -161,7 +161,7 @@ def bench(args) -> None:
     from memlm.index import FaissIndex, Retriever
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bank import dir_bytes, percentiles, recall_at_10
+    from bank import dir_bytes, edit_latency, recall_at_10
 
     faiss.omp_set_num_threads(args.threads)
     work = Path(args.work)
@@ -241,17 +241,13 @@ def bench(args) -> None:
     keep.meta = {"bank_version": bank.version, "fingerprint": enc.fingerprint, "kind": "faiss"}
     retriever = Retriever(bank, enc, keep)
     rng = np.random.default_rng(args.seed + 2)
-    lat, ok = [], 0
     run = int(time.time())  # texts unique to this run: an earlier run's edits stay in the bank
-    for j, eid in enumerate(rng.choice(ids, args.edits, replace=False).tolist()):
-        new = f"Edit {j} of run {run}: this person now lives on the moon base Tranquility {j}."
-        t = time.perf_counter()
-        bank.update(eid, text=new)
-        hit = retriever.search_entries([new], k=1)[0]
-        lat.append(1e3 * (time.perf_counter() - t))
-        ok += bool(hit) and hit[0].entry.id == eid
-    res["edit"] = percentiles(lat) | {"visible_to_next_search": f"{ok}/{args.edits}", "index": res["indexes"][0]["spec"],
-                                      "setting": best}  # fmt: skip
+    text = lambda j: f"Edit {j} of run {run}: this person now lives on the moon base Tranquility {j}."  # noqa: E731
+    edited = rng.choice(ids, args.edits, replace=False).tolist()
+    res["edit"] = edit_latency(bank, retriever, edited, text) | {
+        "index": res["indexes"][0]["spec"],
+        "setting": best,
+    }
     shard = next(iter(keep.shards.values()))
     # the rebuild's copy of the live vectors: one reconstruct_n call vs the old Python loop per slot
     live = np.flatnonzero(shard._alive[: shard._n])

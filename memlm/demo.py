@@ -96,7 +96,7 @@ def run_demo(cfg: DemoConfig, *, out=print, progress: bool = True) -> dict:
     """Train (or reuse), evaluate, then show answers with sources, an edit and a deletion. Returns the
     experiment's results plus ``showcase`` (what was printed, as data)."""
     exp = Experiment(cfg.experiment(), progress=progress)
-    bench = cfg.experiment().benchmarks[0]
+    bench = exp.config.benchmarks[0]
     data, bank = exp.data(bench), exp.bank(bench)
     if cfg.parallel:
         _train_side_by_side(exp, bench, cfg.design, data, bank)
