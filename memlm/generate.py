@@ -4,7 +4,8 @@ A step hook runs before every forward call (the first one before the prompt's). 
 :class:`DecodeState` and may change it: replace ``state.memory`` (Memory³ retrieves every N tokens), queue
 tokens to feed instead of sampling with ``state.force`` (LMLM pauses at ``<|db_return|>``, looks the fact up,
 and resumes with the answer — the cache is kept, the batch goes on), record what it used
-(``state.record``), or finish a row. Forced tokens go through the same cached forward as sampled ones.
+(``state.record``), or finish a row. Forced tokens go through the same cached forward as sampled ones, all of a
+row's queued tokens in one call (their logits are not needed), so a looked-up value costs one forward.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Generation:
 class DecodeState:
     """Per-batch decoding state that step hooks read and change."""
 
-    step: int  # tokens generated so far (0 before the prompt's forward)
+    step: int  # forward calls so far (0 before the prompt's); = tokens generated, unless tokens were forced
     tokens: list[list[int]]  # generated tokens per row
     finished: list[bool]
     memory: MemoryContext | None = None  # handed to the model's next forward call
@@ -58,7 +59,8 @@ class DecodeState:
     retrieved: list[list[int]] = field(default_factory=list)
 
     def force(self, row: int, token_ids: Sequence[int]) -> None:
-        """Feed these tokens next on ``row`` instead of sampling (teacher-forced, cache kept)."""
+        """Feed these tokens next on ``row`` instead of sampling (teacher-forced, cache kept): the first replaces
+        the next sampled token, the rest go into the cache with it in the same forward call."""
         self.forced[row].extend(token_ids)
 
     def record(self, row: int, *, entry_ids: Sequence[int] = (), **event: Any) -> None:
@@ -109,12 +111,16 @@ def iter_decode(
             f"prompt ({L} tokens) + max_new_tokens ({N}) exceeds the model's block_size ({model.config.block_size})"
         )
     device = model.device
+    # The cache has room beyond L + N: a step that feeds one row several forced tokens feeds the other rows
+    # padding in those columns (masked out), so columns can outrun tokens. Positions count real tokens only.
+    cap = min(model.config.block_size, L + 2 * N)
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, L + N, dtype=torch.long, device=device)
+    mask = torch.zeros(B, cap, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at column L - 1
         ids[i, L - len(p) :] = torch.tensor(list(p), device=device)
-        mask[i, L - len(p) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+        mask[i, L - len(p) : L] = 1
+    pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+    seen = mask[:, :L].sum(-1)  # real tokens in the cache per row: the next one's position
 
     state = DecodeState(
         step=0,
@@ -130,7 +136,7 @@ def iter_decode(
     if config.seed is not None:
         gen = torch.Generator(device=device).manual_seed(config.seed)
 
-    cache = model.new_cache(B, L + N)
+    cache = model.new_cache(B, cap)
     inputs, start = ids, 0
     for step in range(N):
         if hook is not None:
@@ -139,29 +145,54 @@ def iter_decode(
         out = model(
             inputs,
             attention_mask=mask[:, : start + width],
-            position_ids=pos[:, start : start + width],
+            position_ids=pos,
             cache=cache,
             memory=state.memory,
         )
         nxt = sample_next(out.logits[:, -1], config, gen)
         _record_model_retrieval(state, out.retrieval)
+        feeds: list[list[int]] = []
         for i in range(B):
             if state.finished[i]:
                 nxt[i] = pad_id
+                feeds.append([])
                 continue
             if state.forced[i]:
                 nxt[i] = state.forced[i].popleft()
-            tok = int(nxt[i])
-            state.tokens[i].append(tok)
-            if tok in stop_ids and not state.forced[i]:
+            feeds.append([int(nxt[i])])
+        start += width
+        # Forced tokens need no logits but the last one's: they go into the cache in one forward with the token
+        # before them (LMLM's value after <|db_return|>), as long as the columns left cover every row's
+        # remaining tokens at one per forward.
+        extra = [list(state.forced[i])[: N - len(state.tokens[i]) - 1] for i in range(B)]
+        wide = 1 + max(map(len, extra))
+        need = max((N - len(state.tokens[i]) - 1 - len(extra[i]) for i in range(B) if feeds[i]), default=0)
+        if wide > 1 and start + wide + need <= cap:
+            for i, more in enumerate(extra):
+                for _ in more:
+                    state.forced[i].popleft()
+                feeds[i] += more
+        for i, feed in enumerate(feeds):
+            if not feed:
+                continue
+            state.tokens[i].extend(feed)
+            if (feed[-1] in stop_ids and not state.forced[i]) or len(state.tokens[i]) >= N:
                 state.finished[i] = True
         state.step = step + 1
         yield nxt, state
         if all(state.finished):
             break
-        # A finished row keeps decoding padding (the batch stays rectangular) but nothing attends to it.
-        mask[:, L + step] = torch.tensor([not f for f in state.finished], device=device)
-        inputs, start = nxt[:, None], L + step
+        # Right-aligned feeds: every row's newest token is the last column. A finished row keeps decoding
+        # padding (the batch stays rectangular) but nothing attends to it.
+        width = max(map(len, feeds))
+        inputs = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+        pos = seen[:, None].expand(B, width).clone()
+        for i, feed in enumerate(feeds):
+            if feed and not state.finished[i]:
+                inputs[i, width - len(feed) :] = torch.tensor(feed, device=device)
+                mask[i, start + width - len(feed) : start + width] = 1
+                pos[i, width - len(feed) :] += torch.arange(len(feed), device=device)
+                seen[i] += len(feed)
 
 
 def _record_model_retrieval(state: DecodeState, memory: MemoryContext | None) -> None:

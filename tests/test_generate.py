@@ -94,6 +94,36 @@ def test_hook_can_force_tokens_and_the_cache_stays_exact(model):
         assert toks[t] == int(logits.argmax())
 
 
+@pytest.mark.parametrize("new_tokens", [24, 84])  # 84: no room for every wide step (block 96), some go 1 by 1
+def test_rows_forced_at_different_steps_share_the_batch_and_the_cache_stays_exact(model, new_tokens):
+    """Forced runs go in one forward with padding for the other rows; every sampled token after them is what
+    uncached greedy picks given the row's whole prefix, and a row's forced run costs one forward."""
+    plan = {
+        0: {2: [100, 101, 102, 103]},
+        1: {5: [110, 111]},
+        2: {3: [120, 121, 122], 9: [123, 124, 125, 126]},
+    }
+    prompts = [[5, 6, 7], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [40, 41]]
+    calls = []
+
+    def hook(state):
+        calls.append(state.step)
+        for row, at in plan.items():
+            if len(state.tokens[row]) in at and not state.forced[row] and not state.finished[row]:
+                state.force(row, at.pop(len(state.tokens[row])))
+
+    state = decode_all(model, prompts, GenerationConfig(max_new_tokens=new_tokens), hook=hook)
+    for p, toks in zip(prompts, state.tokens):
+        assert len(toks) == new_tokens  # random weights: no EOS within reach (checked by the argmax below)
+        for t in range(len(toks)):
+            logits = model(torch.tensor([p + toks[:t]])).logits[0, -1]
+            if toks[t] < 100:
+                assert toks[t] == int(logits.argmax()), t
+    assert state.tokens[0][2:6] == [100, 101, 102, 103] and state.tokens[2][9:13] == [123, 124, 125, 126]
+    if new_tokens == 24:  # a run of n forced tokens saves a row n - 1 forwards; the batch waits for row 1
+        assert len(calls) == 24 - (2 - 1)
+
+
 def test_hook_can_switch_memory_between_steps(model):
     seen = []
 

@@ -1,4 +1,4 @@
-"""LMLM: the loss mask, unknown lookups in training, lookups forced into the cached decode (one forward per
+"""LMLM: the loss mask, unknown lookups in training, lookups forced into the cached decode (a value in one forward
 token, batched rows pausing at different steps), equality with values already in the prompt and with the
 public code's regenerate-from-scratch decode, unknown facts, namespaces, deletion through aliases and
 near-duplicate spellings, the trace, save/load and a training step."""
@@ -208,17 +208,25 @@ def test_lookup_decode_equals_the_values_already_in_the_prompt(bios, bank, token
     assert rest == toks[k:] and len(rest) > 3
 
 
-def test_kv_cache_is_reused_one_forward_per_generated_or_forced_token(bios, bank, tokenizer):
+def test_kv_cache_is_reused_every_token_fed_once_a_value_in_one_forward(bios, bank, tokenizer):
     model = CountingModel(lmlm_model())
-    name, _ = person(bios)
+    name, facts = person(bios)
     reader = load_reader(None, model.inner, tokenizer, bank=bank)
     gen = Generator(
         model, tokenizer, reader=reader, hook_factory=script(tokenizer, {0: [(1, name, "major")]})
     )
-    out = gen.generate([f"Q: What did {name} study?\nA:"], max_new_tokens=32)[0]
+    prompt = f"Q: What did {name} study?\nA:"
+    out = gen.generate([prompt], max_new_tokens=32)[0]
     assert out.trace and out.trace[0]["match"] == "exact"
-    assert len(model.widths) == len(out.token_ids)  # one forward per token, forced or sampled
-    assert model.widths[0][1] > 1 and all(w == (1, 1) for w in model.widths[1:])  # prefill once, then 1 token
+    value = reader.value_ids(facts["major"])  # `` V<|db_end|>``, forced
+    assert len(value) > 2
+    widths = [w for _, w in model.widths]
+    # prefill once; then every token goes in once (the cache holds the rest): the written call one token a
+    # forward, the forced value with the token before it in one forward
+    assert widths[0] == len(tokenizer.encode(prompt, bos=True))
+    assert sum(widths[1:]) == len(out.token_ids) - 1
+    assert len(model.widths) == len(out.token_ids) - len(value) + 1
+    assert widths.count(len(value)) == 1 and widths.count(1) == len(widths) - 2
     quiet = gen.generate(["Hello"], max_new_tokens=1)[0]  # one step: no <|db_return|> to answer
     assert quiet.trace == [] and quiet.retrieved == []  # read nothing: a miss for QA, not "no provenance"
 

@@ -11,7 +11,7 @@ What memlm does differently from the public code:
 
 - **The KV cache is kept across lookups, and the batch goes on.** When a row emits ``<|db_return|>`` the step
   hook parses (E, R), looks it up and *forces* `` V<|db_end|>`` into that row (:meth:`DecodeState.force`):
-  the forced tokens go through the same cached forward, one per step, while the other rows keep sampling.
+  the forced tokens go through the same cache in one forward call, while the other rows keep sampling.
   The public code stops, re-tokenises the whole text and regenerates from scratch after every lookup, one
   sequence at a time (:func:`decode_regenerating` does that, as the benchmarks' reference line).
 - **Lookups are exact, then alias, then fuzzy** (:class:`~memlm.index.LexicalIndex`), scoped by namespace,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -314,6 +315,8 @@ class LMLMReader(MemoryReader):
                 calls.append(self._read_call(context))
                 call = self.parse_call(context[-(self.options.max_call_tokens + 1) :])
                 written.append(call[0] if call else "")
+            if not rows:
+                return
             answers = self.lookup_many(calls)
             for i, (entity, relation, _), name, answer in zip(rows, calls, written, answers):
                 state.force(i, self.value_ids(answer.value))
@@ -432,7 +435,7 @@ def decode_regenerating(
     from memlm.generate import GenerationConfig, decode
 
     model, tok = reader.model, reader.tokenizer
-    pending = sorted((calls or {}).items())
+    pending, writing = sorted((calls or {}).items()), deque()
     ids, out = list(prompt), []
     while len(out) < max_new_tokens:
         if ids[-1] == reader.return_id:
@@ -443,8 +446,15 @@ def decode_regenerating(
         done = len(out)
 
         def hook(state, done=done) -> None:
-            if pending and pending[0][0] <= done + len(state.tokens[0]) and not state.forced[0]:
-                state.force(0, pending.pop(0)[1])
+            if (
+                not writing
+                and pending
+                and pending[0][0] <= done + len(state.tokens[0])
+                and not state.forced[0]
+            ):
+                writing.extend(pending.pop(0)[1])
+            if writing and not state.forced[0]:
+                state.force(0, [writing.popleft()])  # one token a forward, as the model writes it
 
         cfg = GenerationConfig(max_new_tokens=max_new_tokens - len(out), stop_token_ids=(reader.return_id,))
         new = decode(model, [ids], cfg, pad_id=tok.pad_id, eos_id=eos_id, hook=hook).tokens[0]
@@ -455,14 +465,20 @@ def decode_regenerating(
 
 
 def scheduled_calls(calls: Sequence[dict[int, Sequence[int]]]):
-    """A step hook that writes ``calls[row][n]`` into a row once it has ``n`` tokens and nothing forced: the
-    calls a trained model would write, for benchmarks and tests of untrained weights. Run it after the
-    reader's hook, which answers them."""
+    """A step hook that writes ``calls[row][n]`` into a row once it has ``n`` tokens and nothing forced, one
+    token a forward as a trained model would write it (forced all at once, the call would cost one forward
+    and flatter the benchmarks): a stand-in for benchmarks and tests of untrained weights. Run it after the
+    reader's hook, which answers the calls."""
     pending = [sorted(c.items()) for c in calls]
+    writing = [deque() for _ in calls]
 
     def hook(state) -> None:
         for i, todo in enumerate(pending):
-            if todo and todo[0][0] <= len(state.tokens[i]) and not state.forced[i] and not state.finished[i]:
-                state.force(i, todo.pop(0)[1])
+            if state.forced[i] or state.finished[i]:
+                continue
+            if not writing[i] and todo and todo[0][0] <= len(state.tokens[i]):
+                writing[i].extend(todo.pop(0)[1])
+            if writing[i]:
+                state.force(i, [writing[i].popleft()])
 
     return hook
