@@ -158,10 +158,10 @@ def bench(args) -> None:
 
     from memlm.bank import VectorCache
     from memlm.encode.minilm import MiniLMEncoder
-    from memlm.index import FaissIndex, Retriever
+    from memlm.index import FaissIndex
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bank import dir_bytes, edit_latency, recall_at_10
+    from bank import dir_bytes, recall_at_10
 
     faiss.omp_set_num_threads(args.threads)
     work = Path(args.work)
@@ -199,13 +199,12 @@ def bench(args) -> None:
     nlist = 2 ** int(np.log2(min(4 * np.sqrt(len(x)), len(x) / 39)))
     configs = [
         (f"HNSW{m}", {"ef_construction": efc}, [{"ef_search": e} for e in efs])
-        for m, efc, efs in [(int(s.split(":")[0]), int(s.split(":")[1]), (16, 24, 32, 48, 64, 96, 128))
+        for m, efc, efs in [(int(s.split(":")[0]), int(s.split(":")[1]), (16, 32, 48, 64, 96, 128, 192, 256))
                             for s in args.hnsw.split(",")]
     ] + [(f"IVF{nlist},PQ{args.pq_m}", {"rerank": args.rerank},
-          [{"nprobe": p} for p in (8, 16, 32, 64, 128)])]  # fmt: skip
+          [{"nprobe": p} for p in (16, 32, 64, 128, 256)])]  # fmt: skip
     res["indexes"] = []
-    keep = None
-    for spec, build_params, settings in configs:
+    for n_config, (spec, build_params, settings) in enumerate(configs):
         index = FaissIndex(dim=enc.dim, spec=spec, **build_params)
         faiss.omp_set_num_threads(args.threads)
         t = time.perf_counter()
@@ -223,32 +222,41 @@ def bench(args) -> None:
         for setting in settings:
             index.set_search_params(**setting)
             faiss.omp_set_num_threads(1)  # one query per core, as a server runs them
-            single, got = timed_single(lambda q: index.search(q, 10), queries)  # noqa: B023
+            single, got = timed_single(lambda q, index=index: index.search(q, 10), queries)
             r = {"setting": setting, "recall@10": recall_at_10(got, gt), "single": single}
             row["results"].append(r)
             print(spec, json.dumps(r), flush=True)
         res["indexes"].append(row)
         save()
-        if keep is None and spec.startswith("HNSW"):
-            keep = index
-        else:
-            del index
+        if n_config == 0:  # the first (HNSW) index, then dropped: edits and rebuilds before the next is built
+            edits(args, res, bank, enc, index, ids, row)
+            save()
+        del index
 
-    # edit latency on the HNSW index: update one entry, then the next search must return it
-    best = next((r["setting"] for r in res["indexes"][0]["results"] if r["recall@10"] >= 0.95),
-                res["indexes"][0]["results"][-1]["setting"])  # fmt: skip
-    keep.set_search_params(**best)
-    keep.meta = {"bank_version": bank.version, "fingerprint": enc.fingerprint, "kind": "faiss"}
-    retriever = Retriever(bank, enc, keep)
+
+def edits(args, res: dict, bank, enc, index, ids: np.ndarray, row: dict) -> None:
+    """Edit latency on an HNSW index (update one entry, the next search must return it), and the cost of its
+    rebuild once a quarter of the entries are removed."""
+    import faiss
+
+    from memlm.index import Retriever
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bank import edit_latency
+
+    faiss.omp_set_num_threads(args.threads)
+    best = next(
+        (r["setting"] for r in row["results"] if r["recall@10"] >= 0.95), row["results"][-1]["setting"]
+    )
+    index.set_search_params(**best)
+    index.meta = {"bank_version": bank.version, "fingerprint": enc.fingerprint, "kind": "faiss"}
+    retriever = Retriever(bank, enc, index)
     rng = np.random.default_rng(args.seed + 2)
     run = int(time.time())  # texts unique to this run: an earlier run's edits stay in the bank
     text = lambda j: f"Edit {j} of run {run}: this person now lives on the moon base Tranquility {j}."  # noqa: E731
     edited = rng.choice(ids, args.edits, replace=False).tolist()
-    res["edit"] = edit_latency(bank, retriever, edited, text) | {
-        "index": res["indexes"][0]["spec"],
-        "setting": best,
-    }
-    shard = next(iter(keep.shards.values()))
+    res["edit"] = edit_latency(bank, retriever, edited, text) | {"index": row["spec"], "setting": best}
+    shard = next(iter(index.shards.values()))
     # the rebuild's copy of the live vectors: one reconstruct_n call vs the old Python loop per slot
     live = np.flatnonzero(shard._alive[: shard._n])
     t = time.perf_counter()
@@ -262,7 +270,7 @@ def bench(args) -> None:
     shard.remove(ids[: len(ids) // 4 + 1])  # past a quarter dead: the vectorised rebuild runs
     res["hnsw_rebuild_after_quarter_deleted_s"] = time.perf_counter() - t
     print("edit", json.dumps(res["edit"]), res["hnsw_rebuild_after_quarter_deleted_s"], flush=True)
-    save()
+
     bank.close()
 
 
