@@ -304,6 +304,18 @@ class Generator:
 
         return hook
 
+    def _through_stop(self, toks: list[int], stop: Sequence[str]) -> list[int]:
+        """The shortest prefix of ``toks`` whose text holds a stop string: a row's forced tokens enter in one
+        step, so it can hold tokens past the stop that a token-by-token decode would not have produced."""
+        lo, hi = 1, len(toks)  # the text of toks[:hi] holds a stop string; "holds" only grows with the prefix
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in self.text(toks[:mid]) for s in stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        return toks[:hi]
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -337,6 +349,8 @@ class Generator:
                 toks = state.tokens[i]
                 text = self.text(toks)
                 cut = min((text.index(s) for s in stop if s in text), default=None)
+                if cut is not None:
+                    toks = self._through_stop(toks, stop)
                 stopped = cut is not None or (toks and toks[-1] in {tok.eos_id, *config.stop_token_ids})
                 results.append(
                     Generation(
