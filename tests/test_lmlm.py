@@ -397,6 +397,7 @@ def test_context_entity_is_the_name_the_text_gives_and_deletions_stay_deleted(bi
     assert (
         reader.named_entity(tokenizer.encode(f"Ask {name}."), wrong) == name
     )  # the full stop is not the name's
+    assert ask(reader, f"Q: What is {name}'s employer?\nA:", wrong).value == facts["employer"]  # nor the 's
     assert ask(reader, "Q: Who employs him?\nA:", wrong).value == "unknown"  # nobody named: as written
     gen = Generator(reader.model, tokenizer, reader=reader)
     prompt = question + tokenizer.decode(call_ids(tokenizer, wrong, "employer"), skip_special_tokens=False)
