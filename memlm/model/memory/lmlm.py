@@ -54,7 +54,7 @@ _NAME_WORDS = 6  # the longest name (in words) that entity=context looks for in 
 def _trim(words: str) -> str:
     """A phrase without the punctuation around it or a possessive ("Ada L. Byron's" -> "Ada L. Byron"); a final
     full stop stays only after an initial ("V.")."""
-    words = re.sub(r"['\u2019]s$", "", words.strip(" ?!,;:\"()")).strip(" ?!,;:\"'()")
+    words = re.sub(r"['\u2019]s$", "", words.strip(' ?!,;:"()')).strip(" ?!,;:\"'()")
     if words.endswith(".") and len(words.rsplit(" ", 1)[-1]) > 2:
         words = words[:-1]
     return words
