@@ -91,6 +91,8 @@ def main() -> None:
     b.add_argument("--hnsw", default="32:80", help="M:efConstruction, comma-separated")
     b.add_argument("--pq-m", type=int, default=48)
     b.add_argument("--rerank", type=int, default=10, help="IVF-PQ candidates per result re-scored exactly")
+    b.add_argument("--no-ivf", action="store_true", help="HNSW configurations only")
+    b.add_argument("--no-edits", action="store_true", help="skip the edit-latency and rebuild measurements")
     b.add_argument("--out", default="benchmarks/results/bank_real.json")
     args = ap.parse_args()
     import torch
@@ -197,12 +199,16 @@ def bench(args) -> None:
 
     # ~4 sqrt(n) lists, but never more than FAISS can train from n vectors (39 per centroid)
     nlist = 2 ** int(np.log2(min(4 * np.sqrt(len(x)), len(x) / 39)))
+    efs = (16, 32, 48, 64, 96, 128, 192, 256)
     configs = [
-        (f"HNSW{m}", {"ef_construction": efc}, [{"ef_search": e} for e in efs])
-        for m, efc, efs in [(int(s.split(":")[0]), int(s.split(":")[1]), (16, 32, 48, 64, 96, 128, 192, 256))
-                            for s in args.hnsw.split(",")]
-    ] + [(f"IVF{nlist},PQ{args.pq_m}", {"rerank": args.rerank},
-          [{"nprobe": p} for p in (16, 32, 64, 128, 256)])]  # fmt: skip
+        (f"HNSW{m}", {"ef_construction": int(efc)}, [{"ef_search": e} for e in efs])
+        for m, efc in (s.split(":") for s in args.hnsw.split(","))
+    ]
+    if not args.no_ivf:
+        nprobes = (16, 32, 64, 128, 256)
+        configs.append(
+            (f"IVF{nlist},PQ{args.pq_m}", {"rerank": args.rerank}, [{"nprobe": p} for p in nprobes])
+        )
     res["indexes"] = []
     for n_config, (spec, build_params, settings) in enumerate(configs):
         index = FaissIndex(dim=enc.dim, spec=spec, **build_params)
@@ -228,7 +234,9 @@ def bench(args) -> None:
             print(spec, json.dumps(r), flush=True)
         res["indexes"].append(row)
         save()
-        if n_config == 0:  # the first (HNSW) index, then dropped: edits and rebuilds before the next is built
+        if (
+            n_config == 0 and not args.no_edits
+        ):  # the first (HNSW) index, then dropped: edits and rebuilds before the next
             edits(args, res, bank, enc, index, ids, row)
             save()
         del index

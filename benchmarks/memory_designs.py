@@ -37,7 +37,7 @@ DESIGN_OPTIONS = {
                "replace_ffn": False, "aux_weight": 0.5, "swap_prob": 0.5},
     "explicitlm": {"key": "about", "key_dim": 128, "read_k": 1, "fine_k": 8, "n_cells": 4, "cell_cap": 128, "refresh_every": 25},
     "lmlm": {"encoder": "minilm", "relation": "context", "entity": "context"},
-    "memory3": {"k": 1, "chunk": 64, "keep": 8, "key": "about", "encoder": "minilm", "index": "exact", "storage": "fp16"},
+    "memory3": {"k": 1, "chunk": 64, "keep": 16, "key": "about", "encoder": "minilm", "index": "exact", "storage": "fp16"},
 }  # fmt: skip
 DESIGN_LAYERS = {"pluglm": [2], "memory3": [1, 2]}  # model.memory_layers as in the shipped config
 
