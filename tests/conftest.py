@@ -45,3 +45,25 @@ def tokenizer(bios):
     texts = [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()]
     texts += [json.loads(x)["text"] for x in (bios / "facts.jsonl").read_text().splitlines()]
     return Tokenizer.train(texts, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def memory_train_args():
+    """``memlm train`` arguments for a 2-layer, 32-d memory model on a tiny bios corpus (the CLI training tests):
+    ``memory_train_args(memory, options_json, train, bank, out, batch_size=..., extra=[...])``."""
+
+    def args(
+        memory, options, train, bank, out, *, batch_size=8, max_steps=6, warmup=2, log_every=2, extra=()
+    ):
+        return [
+            "train", "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2",
+            "--model.n_embd", "32", "--model.block_size", "160", "--model.memory", memory,
+            "--model.memory_options", options,
+            "--data.train", str(train), "--data.bank", str(bank), "--data.val_fraction", "0.1",
+            "--train.batch_size", str(batch_size), "--train.max_steps", str(max_steps),
+            "--train.warmup_steps", str(warmup), "--train.eval_every", "3", "--train.eval_batches", "1",
+            "--train.save_every", "3", "--train.log_every", str(log_every), "--train.progress", "false",
+            *extra, "--out_dir", str(out),
+        ]  # fmt: skip
+
+    return args

@@ -367,19 +367,12 @@ def test_namespaces_scope_the_table(bios, bank, tokenizer):
 
 
 @pytest.mark.slow
-def test_cpu_training_run_through_the_cli(bios, bank_dir, tmp_path):
+def test_cpu_training_run_through_the_cli(bios, bank_dir, tmp_path, memory_train_args):
     from memlm.cli import main
 
     out = tmp_path / "run"
-    args = [
-        "train", "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2",
-        "--model.n_embd", "32", "--model.block_size", "160", "--model.memory", "explicitlm",
-        "--model.memory_options", json.dumps({**OPTIONS, "swap_prob": 0.5, "refresh_every": 2}),
-        "--data.train", str(bios / "corpus/train.jsonl"), "--data.bank", str(bank_dir), "--data.val_fraction", "0.1",
-        "--train.batch_size", "8", "--train.max_steps", "6", "--train.warmup_steps", "2", "--train.eval_every", "3",
-        "--train.eval_batches", "1", "--train.save_every", "3", "--train.log_every", "2", "--train.progress", "false",
-        "--out_dir", str(out),
-    ]  # fmt: skip
+    options = json.dumps({**OPTIONS, "swap_prob": 0.5, "refresh_every": 2})
+    args = memory_train_args("explicitlm", options, bios / "corpus/train.jsonl", bank_dir, out)
     assert main(args) == 0
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r.get("loss", r.get("val_loss")))) for r in metrics)

@@ -23,21 +23,15 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, memory_train_args):
     root = tmp_path_factory.mktemp("rag")
     data, bank, out = root / "bios", root / "bank", root / "run"
     assert main(["data", "bios", "--people", "24", "--seed", "0", "--out", str(data)]) == 0
     assert main(["bank", "create", str(bank)]) == 0
     assert main(["bank", "import", str(bank), str(data / "facts.jsonl")]) == 0
-    args = [
-        "train", "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2",
-        "--model.n_embd", "32", "--model.block_size", "160", "--model.memory", "rag",
-        "--model.memory_options", '{"k": 2, "encoder": "hashing:64", "swap_prob": 0.5}',
-        "--data.train", str(data / "corpus/train.jsonl"), "--data.bank", str(bank), "--data.val_fraction", "0.1",
-        "--train.batch_size", "8", "--train.max_steps", "6", "--train.warmup_steps", "2", "--train.eval_every", "3",
-        "--train.eval_batches", "1", "--train.save_every", "3", "--train.log_every", "2", "--train.progress", "false",
-        "--out_dir", str(out),
-    ]  # fmt: skip
+    args = memory_train_args(
+        "rag", '{"k": 2, "encoder": "hashing:64", "swap_prob": 0.5}', data / "corpus/train.jsonl", bank, out
+    )
     assert main(args) == 0
     return data, bank, out
 

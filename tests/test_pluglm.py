@@ -262,18 +262,14 @@ def test_options_are_checked():
 
 
 @pytest.mark.slow
-def test_cpu_training_step_with_a_tiny_config(bios, bank_dir, tmp_path):
+def test_cpu_training_step_with_a_tiny_config(bios, bank_dir, tmp_path, memory_train_args):
     from memlm.cli import main
 
-    args = [
-        "train", "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2",
-        "--model.n_embd", "32", "--model.block_size", "160", "--model.memory", "pluglm",
-        "--model.memory_options", '{"key_dim": 16, "top_n": 2, "value": "tokens", "refresh_every": 2}',
-        "--data.train", str(bios / "corpus/train.jsonl"), "--data.bank", str(bank_dir), "--data.val_fraction", "0.1",
-        "--train.batch_size", "4", "--train.max_steps", "3", "--train.warmup_steps", "1", "--train.eval_every", "3",
-        "--train.eval_batches", "1", "--train.save_every", "3", "--train.log_every", "1", "--train.progress", "false",
-        "--train.memory_lr", "1e-2", "--out_dir", str(tmp_path / "run"),
-    ]  # fmt: skip
+    options = '{"key_dim": 16, "top_n": 2, "value": "tokens", "refresh_every": 2}'
+    args = memory_train_args(
+        "pluglm", options, bios / "corpus/train.jsonl", bank_dir, tmp_path / "run",
+        batch_size=4, max_steps=3, warmup=1, log_every=1, extra=["--train.memory_lr", "1e-2"],
+    )  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]

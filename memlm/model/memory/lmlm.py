@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
@@ -436,40 +436,28 @@ def decode_regenerating(
     from memlm.generate import GenerationConfig, decode
 
     model, tok = reader.model, reader.tokenizer
-    pending, writing = sorted((calls or {}).items()), deque()
     ids, out = list(prompt), []
+    # the scripted calls count tokens over the whole answer, across the restarts
+    write_calls = scheduled_calls([calls or {}], offset=lambda: len(out))
     while len(out) < max_new_tokens:
         if ids[-1] == reader.return_id:
             answer = reader.lookup(*reader._read_call(ids))
             forced = reader.value_ids(answer.value)[: max_new_tokens - len(out)]
             ids, out = ids + forced, out + forced
             continue
-        done = len(out)
-
-        def hook(state, done=done) -> None:
-            if (
-                not writing
-                and pending
-                and pending[0][0] <= done + len(state.tokens[0])
-                and not state.forced[0]
-            ):
-                writing.extend(pending.pop(0)[1])
-            if writing and not state.forced[0]:
-                state.force(0, [writing.popleft()])  # one token a forward, as the model writes it
-
         cfg = GenerationConfig(max_new_tokens=max_new_tokens - len(out), stop_token_ids=(reader.return_id,))
-        new = decode(model, [ids], cfg, pad_id=tok.pad_id, eos_id=eos_id, hook=hook).tokens[0]
+        new = decode(model, [ids], cfg, pad_id=tok.pad_id, eos_id=eos_id, hook=write_calls).tokens[0]
         ids, out = ids + new, out + new
         if not new or new[-1] != reader.return_id:
             break
     return out
 
 
-def scheduled_calls(calls: Sequence[dict[int, Sequence[int]]]):
-    """A step hook that writes ``calls[row][n]`` into a row once it has ``n`` tokens and nothing forced, one
-    token a forward as a trained model would write it (forced all at once, the call would cost one forward
-    and flatter the benchmarks): a stand-in for benchmarks and tests of untrained weights. Run it after the
-    reader's hook, which answers the calls."""
+def scheduled_calls(calls: Sequence[dict[int, Sequence[int]]], offset: Callable[[], int] = lambda: 0):
+    """A step hook that writes ``calls[row][n]`` into a row once it has ``n`` tokens (``offset()`` more than the
+    decode generated) and nothing forced, one token a forward as a trained model would write it (forced all at
+    once, the call would cost one forward and flatter the benchmarks): a stand-in for benchmarks and tests of
+    untrained weights. Run it after the reader's hook, which answers the calls."""
     pending = [sorted(c.items()) for c in calls]
     writing = [deque() for _ in calls]
 
@@ -477,7 +465,7 @@ def scheduled_calls(calls: Sequence[dict[int, Sequence[int]]]):
         for i, todo in enumerate(pending):
             if state.forced[i] or state.finished[i]:
                 continue
-            if not writing[i] and todo and todo[0][0] <= len(state.tokens[i]):
+            if not writing[i] and todo and todo[0][0] <= offset() + len(state.tokens[i]):
                 writing[i].extend(todo.pop(0)[1])
             if writing[i]:
                 state.force(i, [writing[i].popleft()])
