@@ -36,14 +36,16 @@ def docs(bios, n=6):
     return [json.loads(x)["text"] for x in (bios / "corpus/train.jsonl").read_text().splitlines()][:n]
 
 
-def model(gate: float = 0.0, block_size: int = 160, **options) -> GPT:
+def model(gate: float | None = 0.0, block_size: int = 160, **options) -> GPT:
+    """gate None: the design's own initial gate (``gate_init``)."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=400, n_layer=2, n_head=2, n_embd=32, block_size=block_size, memory="explicitlm",
         memory_layers=[1], memory_options={**OPTIONS, **options},
     )  # fmt: skip
     m = GPT(cfg)
-    m.blocks[1].cross.gate.data.fill_(gate)
+    if gate is not None:
+        m.blocks[1].cross.gate.data.fill_(gate)
     return m
 
 
@@ -73,6 +75,62 @@ def test_shapes_backward_and_provenance(bios, bank, tokenizer):
     cross = layer(m)
     for p in (cross.wq.weight, cross.wkv.weight, cross.wo.weight, cross.gate, m.memory.prev.weight):
         assert p.grad.abs().sum() > 0
+
+
+def test_the_gate_starts_open_so_the_reading_learns(bios, bank, tokenizer):
+    """A zero gate is a saddle: the reading's weights get gradient times tanh(0) = 0 (a 2,000-step run ended
+    with the gate at 0.0012 and read nothing). The default starts open; the reading then gets gradient."""
+    grads = {}
+    for gate in (None, 0.0):
+        m = model(gate=gate).train()
+        reader = load_reader(None, m, tokenizer, bank=bank)
+        batch = reader.train_batch(docs(bios), rng=random.Random(0))
+        m(batch.input_ids, targets=batch.targets, memory=batch.memory).loss.backward()
+        cross = layer(m)
+        grads[gate] = [
+            p.grad.abs().sum().item() for p in (cross.wq.weight, cross.wkv.weight, cross.wo.weight)
+        ]
+        if gate is None:
+            assert math.tanh(cross.gate.item()) > 0.5
+    assert min(grads[None]) > 0 and max(grads[0.0]) == 0.0
+
+
+def test_all_keys_as_retrieval_negatives(bios, bank, tokenizer):
+    """``retrieval_negatives: all`` adds every other cached key to the gold entry's softmax: the loss grows
+    (more competitors, same weights and batch) and still trains the query."""
+    losses = {}
+    for negatives in ("batch", "all"):
+        m = model(gate=0.5, retrieval_negatives=negatives).train()
+        reader = load_reader(None, m, tokenizer, bank=bank)
+        batch = reader.train_batch(docs(bios), rng=random.Random(0))
+        out = m(batch.input_ids, targets=batch.targets, memory=batch.memory)
+        losses[negatives] = out.retrieval.aux_losses["explicitlm.1.retrieval"]
+    assert losses["all"].item() > losses["batch"].item() + 1e-3
+    losses["all"].backward()
+    assert layer(m).query.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="retrieval_negatives"):
+        model(retrieval_negatives="every")
+
+
+def test_teacher_forcing_reads_the_gold_entry_in_training_only(bios, bank, tokenizer):
+    m = model(gate=0.5, teacher_forcing=1.0).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    batch = reader.train_batch(docs(bios), rng=random.Random(0))
+    out = m(batch.input_ids, targets=batch.targets, memory=batch.memory)
+    gold = batch.memory.inputs.gold
+    at = gold >= 0
+    read = out.retrieval.retrieved_ids[..., 0]
+    assert at.sum() > 10 and torch.equal(read[at], reader.table.ids[gold[at]])
+    base = model(gate=0.5).train()  # the same weights without forcing: the search alone misses some
+    out = base(batch.input_ids, targets=batch.targets, memory=batch.memory)
+    assert not torch.equal(out.retrieval.retrieved_ids[..., 0][at], reader.table.ids[gold[at]])
+    with torch.no_grad():  # inference reads what the search found, golds or not
+        forced, plain = (
+            x.eval()(batch.input_ids, memory=batch.memory).retrieval.retrieved_ids for x in (m, base)
+        )
+    assert torch.equal(forced, plain)
+    with pytest.raises(ConfigError, match="teacher_forcing"):
+        model(teacher_forcing=1.5)
 
 
 @pytest.mark.parametrize("loss", ["lm", "retrieval"])
@@ -376,6 +434,8 @@ def test_cpu_training_run_through_the_cli(bios, bank_dir, tmp_path, memory_train
     assert main(args) == 0
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r.get("loss", r.get("val_loss")))) for r in metrics)
+    aux = [r["aux_losses"] for r in metrics if r["kind"] == "train"]  # logged apart from the total
+    assert aux and all({"explicitlm.1.retrieval", "explicitlm.1.similarity"} <= set(a) for a in aux)
     assert json.loads((out / "final/memory.json").read_text())["design"] == "explicitlm"
     assert main(["eval", "qa", "--model", str(out / "final"), "--data", str(bios), "--split", "unseen",
                  "--limit", "6", "--max-new-tokens", "4"]) == 0  # fmt: skip

@@ -244,6 +244,8 @@ def test_training_forward_equals_chunk_by_chunk_generation(bios, bank_dir, token
                 logits.append(model(torch.tensor([[tok]]), cache=cache, memory=state.memory).logits[0])
         steps = torch.cat(logits)
         torch.testing.assert_close(steps, train_logits, atol=1e-4, rtol=1e-4)
+        k, _, mask = state.memory.inputs.layer(0)  # one row decodes from its filled slots, with no mask
+        assert mask is None and 0 < k.shape[2] == int(state.memory.inputs._mask.sum())
         assert len({frozenset(r) for r in reads}) >= 4  # the memories really changed along the way
         assert state.trace[0] and all(t["kind"] == "retrieve" for t in state.trace[0])
 

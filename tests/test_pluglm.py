@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from memlm.bank.store import MemoryBank
+from memlm.errors import ConfigError
 from memlm.generate import Generator
 from memlm.model import GPT, ModelConfig
 from memlm.model.memory import MemoryContext
@@ -70,6 +71,44 @@ def test_shapes_backward_and_gold_labels(bios, bank_dir, tokenizer, value):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     pooled = "memory.value_proj.1.weight" if value == "vector" else "memory.prev.weight"
     assert grads[pooled].abs().sum() > 0
+
+
+def test_teacher_forcing_puts_a_missed_gold_entry_among_the_read_ones(bios, bank_dir, tokenizer):
+    """Training only: every labelled position reads its gold entry, in the last slot when the search missed it."""
+    with MemoryBank.open(bank_dir) as bank:
+        reads = {}
+        for forcing in (0.0, 1.0):
+            model = plug_model(teacher_forcing=forcing, value="tokens").train()
+            reader = load_reader(None, model, tokenizer, bank=bank)
+            batch = reader.train_batch(docs(bios)[:6])
+            reads[forcing] = model(batch.input_ids, memory=batch.memory).retrieval.retrieved_ids
+            model.eval()
+            with torch.no_grad():
+                reads[forcing, "eval"] = model(batch.input_ids, memory=batch.memory).retrieval.retrieved_ids
+        gold = batch.memory.inputs.gold
+        at = gold >= 0
+        want = reader.table.ids[gold[at]][:, None]
+        assert (reads[1.0][at] == want).any(-1).all()
+        assert not (reads[0.0][at] == want).any(-1).all()  # the untrained search alone misses some
+        assert torch.equal(reads[1.0][~at], reads[0.0][~at])  # unlabelled positions read what they found
+        assert torch.equal(reads[1.0, "eval"], reads[0.0, "eval"])  # inference: no forcing
+    with pytest.raises(ConfigError, match="teacher_forcing"):
+        plug_model(teacher_forcing=-0.1)
+
+
+def test_all_keys_as_retrieval_negatives(bios, bank_dir, tokenizer):
+    """``retrieval_negatives: all``: every other key of the table joins the retrieved ones as a negative."""
+    losses = {}
+    with MemoryBank.open(bank_dir) as bank:
+        for negatives in ("retrieved", "all"):
+            model = plug_model(retrieval_negatives=negatives).train()
+            reader = load_reader(None, model, tokenizer, bank=bank)
+            batch = reader.train_batch(docs(bios)[:6])
+            out = model(batch.input_ids, targets=batch.targets, memory=batch.memory)
+            losses[negatives] = out.retrieval.aux_losses["pluglm_retrieval"]
+    assert losses["all"].item() > losses["retrieved"].item() + 1e-3
+    losses["all"].backward()
+    assert model.blocks[1].memory.query.weight.grad.abs().sum() > 0
 
 
 def test_swaps_change_entry_and_text_alike(bios, bank_dir, tokenizer):

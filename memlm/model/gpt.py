@@ -86,11 +86,12 @@ class Attention(nn.Module):
             # (B, T, M) says otherwise (that is how a design keeps memory causal per position).
             pk, pv, pmask = prefix
             S = k.shape[2]
-            if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
-            if pmask is None:
-                pmask = torch.ones(B, T, pk.shape[2], dtype=torch.bool, device=x.device)
-            mask = torch.cat([pmask[:, None].expand(B, 1, T, -1), mask.expand(B, 1, T, S)], dim=-1)
+            if mask is not None or pmask is not None or T > 1:  # one unmasked query sees everything: no mask
+                if mask is None:
+                    mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+                if pmask is None:
+                    pmask = torch.ones(B, T, pk.shape[2], dtype=torch.bool, device=x.device)
+                mask = torch.cat([pmask[:, None].expand(B, 1, T, -1), mask.expand(B, 1, T, S)], dim=-1)
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
             is_causal = False
         y = F.scaled_dot_product_attention(

@@ -279,6 +279,7 @@ class Trainer:
         )
         clock, tokens_since = time.perf_counter(), 0
         loss_since, steps_since = torch.zeros((), device=device), 0
+        aux_since: dict[str, torch.Tensor] = {}  # a design's auxiliary losses (in the loss too), logged apart
         model.train()
         while step < end:
             seed = _step_seed(tc.seed, step, info.rank)
@@ -306,6 +307,8 @@ class Trainer:
                     loss = out.loss * (counts[i] * info.world_size / max(n_global, 1.0))
                     loss.backward()
                 loss_sum += loss.detach()
+                for name, value in (out.retrieval.aux_losses if out.retrieval is not None else {}).items():
+                    aux_since[name] = aux_since.get(name, 0.0) + value.detach() / len(micro)
                 tokens_since += batch.input_ids.numel()
             factor = lr_factor(
                 step, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_ratio=tc.min_lr_ratio
@@ -337,8 +340,10 @@ class Trainer:
                         for g in optimizer.param_groups
                     },
                 }
+                if aux_since:  # rank 0's mean over the steps since the last line
+                    record["aux_losses"] = {k: float(v) / steps_since for k, v in sorted(aux_since.items())}
                 clock, tokens_since = time.perf_counter(), 0
-                loss_since, steps_since = torch.zeros((), device=device), 0
+                loss_since, steps_since, aux_since = torch.zeros((), device=device), 0, {}
                 last.update(step=step, loss=loss_value)
                 if info.is_main:
                     self.metrics.write(record)

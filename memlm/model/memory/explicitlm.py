@@ -14,9 +14,10 @@ What memlm does differently from the public code (``../shared/DESIGN.md``):
 - The coarse stage learns: candidates are scored exactly with freshly encoded keys, differentiable in both the
   query projection and the key encoder (the public code's product keys get no gradient: random routing), plus
   an optional auxiliary retrieval loss from the gold entry the data knows (``retrieval_weight``).
-- Fusion is a zero-initialised, tanh-gated cross-attention from the token to the selected entries' token states,
-  with a null slot: an empty bank or a closed gate gives exactly the base model's logits (the public code puts
-  a SwiGLU over [query; mean embedding] in place of the FFN).
+- Fusion is a tanh-gated cross-attention from the token to the selected entries' token states, with a null
+  slot: an empty bank or a closed gate (``gate_init: 0``) gives exactly the base model's logits (the public
+  code puts a SwiGLU over [query; mean embedding] in place of the FFN). The gate starts open (see
+  ``ExplicitLMLayer``), and ``teacher_forcing`` lets gold positions read their gold entry in training.
 - An explicit temperature schedule (``tau_start`` -> ``tau_end`` over ``tau_steps``), straight-through in
   training, hard top-``read_k`` at inference.
 - Entries stay readable: nothing the optimiser does rewrites a bank entry (the public code's EMA overwrites
@@ -65,6 +66,9 @@ class ExplicitLMOptions:
     tau_end: float = 0.1  # ... decayed exponentially to this at tau_steps (the paper: 1.0 throughout)
     tau_steps: int = 3000
     retrieval_weight: float = 1.0  # auxiliary CE toward the gold entry, where the data knows it (0: off)
+    teacher_forcing: float = 0.0  # training: share of gold positions that read the gold entry, not their pick
+    retrieval_negatives: str = "batch"  # batch: candidates + the batch's golds | all: every key as well
+    gate_init: float = 1.0  # fusion gate tanh(g) at init; 0 closes it, and a closed gate barely opens (below)
     similarity_weight: float = 0.1  # the paper's: 1 - cos(query, key of the selected entry)
     diversity_weight: float = 0.05  # the paper's: KL(mean sub-key distribution || uniform), per half
     swap_prob: float = 0.5  # training: share of a sample's facts whose object is swapped in text and entry
@@ -76,6 +80,10 @@ class ExplicitLMOptions:
     def __post_init__(self) -> None:
         from memlm.bank.vectors import KEYS
 
+        if self.retrieval_negatives not in ("batch", "all"):
+            raise ConfigError(
+                f"model.memory_options.retrieval_negatives must be 'batch' or 'all', got {self.retrieval_negatives!r}"
+            )
         if self.key not in KEYS:
             raise ConfigError(f"model.memory_options.key must be one of {sorted(KEYS)}, got {self.key!r}")
         if self.key_dim < 2 or self.key_dim % 2:
@@ -99,6 +107,10 @@ class ExplicitLMOptions:
         if self.implicit_ratio > 0 and self.bank_size < 1:
             raise ConfigError(
                 "model.memory_options.bank_size (entries in the bank) is needed when implicit_ratio > 0"
+            )
+        if not 0.0 <= self.teacher_forcing <= 1.0:
+            raise ConfigError(
+                f"model.memory_options.teacher_forcing must be in [0, 1], got {self.teacher_forcing}"
             )
         for name in ("retrieval_weight", "similarity_weight", "diversity_weight", "score_scale"):
             if getattr(self, name) < 0:
@@ -301,7 +313,10 @@ class ExplicitLMLayer(nn.Module):
         self.wkv = nn.Linear(n_embd, 2 * n_embd, bias=False)
         self.wo = nn.Linear(n_embd, n_embd, bias=False)
         self.null_key = nn.Parameter(torch.randn(n_head, self.head_dim) * 0.02)  # its value is zero
-        self.gate = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: closed at init, the base model exactly
+        # Open at init. A zero gate starts at a saddle: wq, wkv and wo get gradient times tanh(g) = 0, and g
+        # gets gradient through wo's small random output only; a 2,000-step run ended with g = 0.0012 and
+        # never read (docs/results_explicitlm.md). An empty bank still gives the base model (nothing is read).
+        self.gate = nn.Parameter(torch.tensor(float(o.gate_init)))
         for lin in (self.query, self.wq, self.wkv, self.wo):
             nn.init.normal_(lin.weight, std=0.02)
 
@@ -353,6 +368,13 @@ class ExplicitLMLayer(nn.Module):
             pick = scores.topk(o.read_k, dim=1).indices
             weight = torch.ones_like(pick, dtype=q.dtype)
         rows = cand.gather(1, pick).masked_fill(~torch.isfinite(scores.gather(1, pick)), -1)  # (n, k)
+        if gold is not None and o.teacher_forcing > 0:
+            # Teacher forcing: some gold positions read their gold entry whatever the search found, so reading
+            # is learnt before retrieval is good (the pick's straight-through weight is dropped there: the
+            # retrieval loss trains the query). Inference reads the pick.
+            force = (gold >= 0) & (torch.rand(len(gold), device=gold.device) < o.teacher_forcing)
+            rows[:, 0] = torch.where(force, gold, rows[:, 0])
+            weight = torch.where(force[:, None] & (torch.arange(o.read_k, device=h.device) == 0), 1.0, weight)
         weight = weight.masked_fill(rows < 0, 0.0)
         ids[pos] = torch.where(rows >= 0, table.ids[rows.clamp(min=0)], -1)
         self._record(memory, ids.view(B, T, -1))
@@ -439,7 +461,17 @@ class ExplicitLMLayer(nn.Module):
             in_batch = o.score_scale * q[at] @ gk.T  # (n_g, G)
             hard = scores[at].masked_fill(torch.isin(cand[at], uniq_g), float("-inf"))  # (n_g, m)
             logits = torch.cat([in_batch, hard], 1)
-            memory.aux_losses[f"{tag}.retrieval"] = o.retrieval_weight * F.cross_entropy(logits, own)
+            loss = F.cross_entropy(logits, own)
+            if o.retrieval_negatives == "all":
+                # And a softmax over every key as cached at the last refresh, the gold's included (trains the
+                # query only): candidates and in-batch golds rarely include the person easiest to confuse.
+                # Fresh golds against cached negatives would let the query follow the keys' drift since the
+                # refresh instead of the person (measured: exact top-1 0.02 at step 1,000, against 0.33).
+                cached = o.score_scale * q[at] @ table.search.keys.T.to(q.dtype)  # (n_g, R)
+                loss = loss + F.cross_entropy(
+                    cached.masked_fill(~table.search.alive, float("-inf")), gold[at]
+                )
+            memory.aux_losses[f"{tag}.retrieval"] = o.retrieval_weight * loss
 
     def _record(self, memory: MemoryContext, ids: Tensor) -> None:
         reads = memory.inputs.reads

@@ -212,30 +212,37 @@ class Memories:
             _layers={},
         )
 
-    def layer(self, j: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Memory layer ``j``'s keys, values (B, H, G * keep, D) and mask (B, T | 1, G * keep)."""
+    def layer(self, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Memory layer ``j``'s keys, values (B, H, M, D) and mask (B, T | 1, M), M = G * keep.
+
+        One row read by every position (batch-1 decoding) drops its unfilled slots instead: no mask, so a
+        decoding step's attention needs none (``Attention`` then builds nothing per step)."""
         if self.encoded is None:
             self.encoded = self.encoder(self.refs, self.ref_len)
         enc = self.encoded
         B, G = self.slots.shape
         safe = self.slots.clamp(min=0)
         keep = enc.k.shape[3]
+        if self._mask is None:
+            ar = torch.arange(keep, device=safe.device)
+            filled = (ar < enc.n[safe][..., None]) & (self.slots >= 0)[..., None]  # (B, G, keep)
+            if self.chunk_of is not None:
+                sees = self.chunk_of[:, :, None] == self.slot_chunk[None, None, :]  # (B, T, G)
+                self._mask = (sees[..., None] & filled[:, None]).reshape(B, sees.shape[1], G * keep)
+            else:
+                self._mask = filled.reshape(B, 1, G * keep)
+        unpadded = self.chunk_of is None and B == 1
         if j not in self._layers:
             k, v = enc.k[safe, j], enc.v[safe, j]  # (B, G, H, keep, D)
             H, D = k.shape[2], k.shape[4]
             k = k.permute(0, 2, 1, 3, 4).reshape(B, H, G * keep, D)
             v = v.permute(0, 2, 1, 3, 4).reshape(B, H, G * keep, D)
+            if unpadded:
+                filled = self._mask[0, 0].nonzero().squeeze(-1)
+                k, v = k[:, :, filled], v[:, :, filled]
             self._layers[j] = (k, v)
         k, v = self._layers[j]
-        if self._mask is None:
-            ar = torch.arange(keep, device=safe.device)
-            filled = (ar < enc.n[safe][..., None]) & (self.slots >= 0)[..., None]  # (B, G, keep)
-            if self.chunk_of is None:
-                self._mask = filled.reshape(B, 1, G * keep)
-            else:
-                sees = self.chunk_of[:, :, None] == self.slot_chunk[None, None, :]  # (B, T, G)
-                self._mask = (sees[..., None] & filled[:, None]).reshape(B, sees.shape[1], G * keep)
-        return k, v, self._mask
+        return k, v, None if unpadded else self._mask
 
 
 class MemoryKV(nn.Module):

@@ -55,13 +55,15 @@ class PlugLMOptions:
     aux_weight: float = 0.5  # weight of the gold-entry retrieval loss (0: off)
     temperature: float = 0.1  # cosine -> logits of the retrieval loss
     beta_init: float = 5.0  # initial per-head weight of the cos(q, k) bias in knowledge attention
+    retrieval_negatives: str = "retrieved"  # retrieved: the top-N | all: every key of the table as well
+    teacher_forcing: float = 0.0  # training: share of gold positions whose missed gold takes the last slot
     swap_prob: float = 0.5  # training: share of a sample's triples whose object is swapped (entry and text)
     namespaces: list[str] | None = None  # retrieval scope; None: every namespace of the bank
     entry_tokens: int = 32  # an entry's text (or about-text) is cut to this many tokens
 
     def __post_init__(self) -> None:
         choices = {"key": ("about", "text"), "value": ("vector", "tokens"), "encoder": ("shared", "own"),
-                   "index": ("auto", "exact", "faiss")}  # fmt: skip
+                   "index": ("auto", "exact", "faiss"), "retrieval_negatives": ("retrieved", "all")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -70,8 +72,9 @@ class PlugLMOptions:
         for name in ("key_dim", "top_n", "refresh_every", "entry_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.swap_prob <= 1.0:
-            raise ConfigError(f"model.memory_options.swap_prob must be in [0, 1], got {self.swap_prob}")
+        for name in ("swap_prob", "teacher_forcing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.aux_weight < 0 or self.temperature <= 0:
             raise ConfigError("model.memory_options.aux_weight must be >= 0 and temperature > 0")
 
@@ -174,10 +177,12 @@ class KnowledgeAttention(nn.Module):
 
     def __init__(
         self, *, n_embd: int, n_head: int, key_dim: int, top_n: int, value: str, beta_init: float,
-        temperature: float, aux_weight: float, encoder: KnowledgeEncoder,
+        temperature: float, aux_weight: float, encoder: KnowledgeEncoder, teacher_forcing: float = 0.0,
+        retrieval_negatives: str = "retrieved",
     ) -> None:  # fmt: skip
         super().__init__()
-        self.n_head, self.top_n, self.value = n_head, top_n, value
+        self.n_head, self.top_n, self.value, self.teacher_forcing = n_head, top_n, value, teacher_forcing
+        self.retrieval_negatives = retrieval_negatives
         self.temperature, self.aux_weight = temperature, aux_weight
         self.query = nn.Linear(n_embd, key_dim)  # the retrieval query, from the position's own hidden state
         self.wq = nn.Linear(n_embd, n_embd, bias=False)
@@ -201,6 +206,17 @@ class KnowledgeAttention(nn.Module):
         N = min(self.top_n, len(table))
         q = F.normalize(self.query(h), dim=-1)  # (B, T, dk): from position t's hidden state only
         rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
+        if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
+            # Teacher forcing: where the search missed the gold entry, it takes the last slot, so reading is
+            # learnt while retrieval is still poor (an 800-step run found the gold half the time and read
+            # nothing from it, docs/results_pluglm.md). Inference never sees a gold.
+            g = inputs.gold
+            force = (
+                (g >= 0)
+                & ~(rows == g[..., None]).any(-1)
+                & (torch.rand(g.shape, device=g.device) < self.teacher_forcing)
+            )
+            rows = torch.cat([rows[..., :-1], torch.where(force, g, rows[..., -1])[..., None]], -1)
 
         # Re-encode the retrieved (and gold) entries with gradient, once each.
         gold = inputs.gold if self.training and self.aux_weight > 0 else None
@@ -260,7 +276,7 @@ class KnowledgeAttention(nn.Module):
         memory.retrieved_scores = s.detach()
         if gold is not None and bool((gold >= 0).any()):
             memory.add_loss(
-                "pluglm_retrieval", self.aux_weight * self._retrieval_loss(q, rows, keys, inv, gold)
+                "pluglm_retrieval", self.aux_weight * self._retrieval_loss(q, rows, keys, inv, gold, table)
             )
         return y
 
@@ -283,8 +299,11 @@ class KnowledgeAttention(nn.Module):
             self._vocab_cache, self._vocab_stamp = tables, stamp
         return self._vocab_cache
 
-    def _retrieval_loss(self, q: Tensor, rows: Tensor, keys: Tensor, inv: Tensor, gold: Tensor) -> Tensor:
-        """Cross-entropy of the gold entry's (fresh) key against the retrieved ones, at positions with a gold."""
+    def _retrieval_loss(
+        self, q: Tensor, rows: Tensor, keys: Tensor, inv: Tensor, gold: Tensor, table
+    ) -> Tensor:
+        """Cross-entropy of the gold entry's (fresh) key against the retrieved ones, at positions with a gold
+        (``retrieval_negatives: all``: plus one over every key of the table as of its last refresh)."""
         B, T, N = rows.shape
         at = gold >= 0  # (B, T)
         kg = keys[inv[B * T * N :]]  # (P, dk): gold keys, in the order of gold[at]
@@ -293,7 +312,12 @@ class KnowledgeAttention(nn.Module):
         logits = torch.cat([(qa * kg).sum(-1, keepdim=True), torch.einsum("pk,pnk->pn", qa, kr)], -1)
         logits[:, 1:] = logits[:, 1:].masked_fill(rows[at] == gold[at][:, None], float("-inf"))
         target = torch.zeros(len(qa), dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits / self.temperature, target)
+        loss = F.cross_entropy(logits / self.temperature, target)
+        if self.retrieval_negatives == "all":
+            # A softmax over every key of the table as of its last refresh, the gold's included (trains the
+            # query only; fresh golds against stale negatives would reward following the keys' drift).
+            loss = loss + F.cross_entropy(qa @ table.keys.T.to(qa.dtype) / self.temperature, gold[at])
+        return loss
 
 
 def _cat_padded(a: Tensor, b: Tensor, pad: int) -> Tensor:
@@ -335,6 +359,7 @@ class PlugLM(MemoryDesign):
         branch = KnowledgeAttention(
             n_embd=config.n_embd, n_head=config.n_head, key_dim=o.key_dim, top_n=o.top_n, value=o.value,
             beta_init=o.beta_init, temperature=o.temperature, aux_weight=o.aux_weight, encoder=self._encoder,
+            teacher_forcing=o.teacher_forcing, retrieval_negatives=o.retrieval_negatives,
         )  # fmt: skip
         return LayerHooks(ffn_branch=branch, replace_ffn=o.replace_ffn)
 

@@ -1,0 +1,91 @@
+"""Where a learned query ranks the gold entry: ExplicitLM's and PlugLM's retrieval, taken apart.
+
+For each question of a QA split, the memory layer's query at the prompt's last position is scored against every
+key in the bank (exact search, the current encoder's keys) and the gold entry's rank is recorded; for ExplicitLM
+also whether the product-key stage's candidates hold it. A wrong top-1 is split by what it names: another
+person, or the same person's other fact::
+
+    python benchmarks/learned_query.py --model RUN/final --data /work/exp/bios2k --split unseen --limit 300 \\
+        --bank BANK_COPY --json benchmarks/results/explicitlm/tf_2k_s/learned_query.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memlm.model.checkpoint import load_pretrained
+from memlm.model.memory.binding import load_reader
+
+
+def _layer(model):
+    """The first memory layer's module and its query projection (ExplicitLM: ``cross``, PlugLM: ``memory``)."""
+    for block in model.blocks:
+        for module in (block.cross, block.memory):
+            if module is not None and hasattr(module, "query"):
+                return module
+    raise SystemExit(f"{model.config.memory!r} has no learned query (explicitlm and pluglm do)")
+
+
+@torch.no_grad()
+def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None) -> dict:
+    model, tok = load_pretrained(model_dir)
+    model.eval()
+    reader = load_reader(model_dir, model, tok, bank=bank)
+    design = model.config.memory
+    layer = _layer(model)
+    seen: dict[str, torch.Tensor] = {}
+    layer.query.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    questions = [json.loads(x) for x in (data / f"qa/{split}.jsonl").read_text().splitlines()][:limit]
+    facts = [json.loads(x) for x in (data / "facts.jsonl").read_text().splitlines()]
+    n = top1 = top5 = coarse = other_person = 0
+    for q in questions:
+        batch = reader.prompts([q["prompt"]])
+        model(torch.tensor([batch.token_ids[0]]), memory=batch.memory)
+        query = F.normalize(seen["q"].reshape(-1, seen["q"].shape[-1])[-1:].float(), dim=-1)
+        if design == "explicitlm":
+            table = reader.table
+            keys, alive, bank_ids = table.encode_keys(model.memory, model.wte), table.alive, table.ids
+        else:
+            table = batch.memory.inputs.table
+            keys, alive, bank_ids = table.keys, torch.ones(len(table), dtype=torch.bool), table.ids
+        scores = (query @ keys.T.float()).squeeze(0).masked_fill(~alive, -2.0)
+        gold = torch.nonzero(bank_ids == q["fact_id"]).flatten()
+        if len(gold) != 1:
+            raise SystemExit(f"{data}/qa/{split}.jsonl: fact_id {q['fact_id']} is not in the bank once")
+        rank = int((scores > scores[gold[0]]).sum())
+        n, top1, top5 = n + 1, top1 + (rank == 0), top5 + (rank < 5)
+        if rank:
+            best = facts[int(bank_ids[scores.argmax()])]
+            other_person += best["subject"] != q["subject"]
+        if design == "explicitlm":
+            _, cand = table.search.search(query, layer.o.fine_k)
+            coarse += bool((cand == gold[0]).any())
+    out = {"model": model_dir, "data": str(data), "split": split, "n": n, "exact_top1": top1 / n,
+           "exact_top5": top5 / n, "wrong_top1_other_person": other_person / max(n - top1, 1)}  # fmt: skip
+    if design == "explicitlm":
+        out["gold_among_coarse_candidates"] = coarse / n
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, type=Path, help="benchmark folder (facts.jsonl, qa/SPLIT.jsonl)")
+    p.add_argument("--split", default="unseen")
+    p.add_argument("--limit", type=int, default=300)
+    p.add_argument("--bank", help="bank folder (default: the model's training bank); bank ids = fact_id")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args()
+    out = measure(args.model, args.data, args.split, args.limit, args.bank)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
