@@ -242,13 +242,19 @@ class Generator:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, *, device: str = "cpu", bank: str | os.PathLike | None = None
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        bank: str | os.PathLike | None = None,
+        memory_options: dict[str, Any] | None = None,
     ) -> Generator:
-        """Load a model folder; a memory model reads ``bank`` (default: the bank it was trained with)."""
+        """Load a model folder; a memory model reads ``bank`` (default: the bank it was trained with).
+        ``memory_options`` override the recorded ones for this reading (e.g. PlugLM ``{"top_n": 1}``)."""
         from memlm.model.checkpoint import load_pretrained
         from memlm.model.memory.binding import load_reader
 
-        model, tokenizer = load_pretrained(directory, device=device)
+        model, tokenizer = load_pretrained(directory, device=device, memory_options=memory_options)
         return cls(model, tokenizer, reader=load_reader(directory, model, tokenizer, bank=bank))
 
     def close(self) -> None:

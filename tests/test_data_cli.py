@@ -36,7 +36,7 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def from_pretrained(directory, device="cpu", bank=None):
+    def from_pretrained(directory, device="cpu", bank=None, memory_options=None):
         seen["dir"], seen["bank"] = directory, bank
         return Fake()
 

@@ -280,6 +280,33 @@ def test_save_load_round_trip_with_the_bank(bios, bank_dir, tokenizer, tmp_path)
     assert [g.retrieved for g in a] == [g.retrieved for g in b] and a[0].retrieved
 
 
+def test_memory_options_override_the_recorded_ones_when_reading(bios, bank_dir, tokenizer, tmp_path):
+    from memlm.cli import main
+    from memlm.errors import CheckpointError
+
+    model = plug_model()
+    with MemoryBank.open(bank_dir) as bank:
+        model.save_pretrained(tmp_path / "m", tokenizer=tokenizer, memory=memory_record("pluglm", bank))
+
+    def top_n(gen):
+        return {m.top_n for m in gen.model.modules() if hasattr(m, "top_n")}
+
+    with Generator.from_pretrained(tmp_path / "m") as gen:
+        assert top_n(gen) == {N}
+    with Generator.from_pretrained(tmp_path / "m", memory_options={"top_n": 1}) as gen:
+        assert top_n(gen) == {1} and gen.model.config.memory_options["key_dim"] == 16  # the rest as recorded
+    with pytest.raises(CheckpointError, match="no_such_option"):
+        Generator.from_pretrained(tmp_path / "m", memory_options={"no_such_option": 1})
+    out = tmp_path / "eval"
+    args = ["eval", "qa", "--model", str(tmp_path / "m"), "--data", str(bios), "--split", "unseen", "--limit", "2",
+            "--max-new-tokens", "2", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--memory-option", "top_n=1"]) == 0
+    assert json.loads((out / "qa_unseen.json").read_text())["memory_options"] == {"top_n": 1}
+    assert main([*args, "--memory-option", "top_n=0"]) == 2  # checked like the recorded options
+    with pytest.raises(SystemExit):
+        main([*args, "--memory-option", "top_n"])
+
+
 def test_bind_shares_the_token_embedding_without_a_second_name():
     model = plug_model()
     assert model.memory.embedding(torch.tensor([[7]]))[0, 0].equal(

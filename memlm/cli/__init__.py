@@ -55,5 +55,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    """``--memory-option KEY=VALUE`` (repeatable) -> ``args.memory_options``: a dict that overrides the model's
+    recorded ``memory_options`` for this reading (``Generator.from_pretrained(memory_options=...)``)."""
+    p.add_argument(
+        "--memory-option", dest="memory_options", action="append", type=_key_value, default=[],
+        metavar="KEY=VALUE",
+        help="override one of the model's memory_options when reading, e.g. top_n=1 (PlugLM); repeatable",
+    )  # fmt: skip
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)  # 1 -> int, 0.5 -> float, true -> bool, else the string
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key}: cannot parse {value!r} ({err})") from err
+
+
 if __name__ == "__main__":
     sys.exit(main())

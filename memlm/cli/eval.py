@@ -6,6 +6,8 @@ import argparse
 import random
 from pathlib import Path
 
+from memlm.cli import add_memory_option
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (e.g. runs/rag/final)")
@@ -20,6 +22,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
+    add_memory_option(p)
 
 
 def register(subparsers) -> None:
@@ -71,14 +74,15 @@ def run_qa(args) -> int:
         records = records[: args.sample]
     if args.limit is not None:
         records = records[: args.limit]
-    gen = Generator.from_pretrained(args.model, device=args.device, bank=args.bank)
+    options = dict(args.memory_options)
+    gen = Generator.from_pretrained(args.model, device=args.device, bank=args.bank, memory_options=options)
     try:
         report, bank = _qa(gen, records, args)
     finally:
         if hasattr(gen, "close"):
             gen.close()
     out = Path(args.out) if args.out else Path(args.model) / "eval"
-    meta = {"model": str(args.model), "data": str(args.data), "split": args.split}
+    meta = {"model": str(args.model), "data": str(args.data), "split": args.split, "memory_options": options}
     meta["bank"] = None if bank is None else str(bank.path)
     path = write_report(report, out, f"qa_{args.split}", meta=meta)
     print(markdown_table(report, title=f"QA exact match — {args.split}"), end="")
@@ -127,6 +131,7 @@ def run_edit(args) -> int:
     r = evaluate_edits(
         args.model, args.data, bank=args.bank, limit=args.limit, seed=args.seed, device=args.device,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
+        memory_options=dict(args.memory_options),
     )  # fmt: skip
     print(
         f"edits {r['edits']} (questions {r['questions']}), no training step:\n"
@@ -146,6 +151,7 @@ def run_delete(args) -> int:
     r = evaluate_deletions(
         args.model, args.data, bank=args.bank, limit=args.limit, device=args.device,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
+        memory_options=dict(args.memory_options),
     )  # fmt: skip
     print(
         f"deletions {r['deletions']} (questions {r['questions']}), no training step:\n"

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from memlm.cli import add_memory_option
 from memlm.errors import InputError
 from memlm.utils.jsonl import iter_jsonl
 
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sources", action="store_true", help="print under each answer the bank entries it used (id, text)"
     )
     p.add_argument("--device", default="cpu")
+    add_memory_option(p)
     p.set_defaults(func=run)
 
 
@@ -70,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]  # a shell passes '\n' literally
-    with Generator.from_pretrained(args.model, device=args.device, bank=args.bank) as gen:
+    options = dict(args.memory_options)
+    with Generator.from_pretrained(
+        args.model, device=args.device, bank=args.bank, memory_options=options
+    ) as gen:
         return _generate(gen, prompts, stops, args)
 
 

@@ -143,6 +143,7 @@ def evaluate_edits(
     batch_size: int = 64,
     probes: int = 20,
     progress: bool = False,
+    memory_options: dict | None = None,
 ) -> dict:
     """Apply ``edits.jsonl`` to a copy of the model's bank (default: its training bank) and measure."""
     from memlm.generate import Generator
@@ -166,7 +167,7 @@ def evaluate_edits(
     src_path = source.path
     source.close()
     with bank_copy(src_path) as copy:
-        gen = Generator.from_pretrained(model_dir, device=device, bank=copy)
+        gen = Generator.from_pretrained(model_dir, device=device, bank=copy, memory_options=memory_options)
         before, before_others = _ask(gen, questions, copy, **kw), _ask(gen, others, copy, **kw)
         ids = entry_ids_by_key(copy, edits, path=edits_path)
         t0 = time.perf_counter()
@@ -199,6 +200,7 @@ def evaluate_edits(
         "visible_after_s": t2 - t0,  # all edits applied and readable by the next query
         "single_edit_visible_s": latency,
         "training_steps": 0,
+        "memory_options": memory_options or {},
         "reports": {
             "before": before.summary(),
             "after": after.summary(),
@@ -233,6 +235,7 @@ def evaluate_deletions(
     max_new_tokens: int = 32,
     batch_size: int = 64,
     progress: bool = False,
+    memory_options: dict | None = None,
 ) -> dict:
     """Delete ``deletions.jsonl`` from a copy of the model's bank; report the share still answered (leak)."""
     from memlm.generate import Generator
@@ -253,7 +256,7 @@ def evaluate_deletions(
     src_path = source.path
     source.close()
     with bank_copy(src_path) as copy:
-        gen = Generator.from_pretrained(model_dir, device=device, bank=copy)
+        gen = Generator.from_pretrained(model_dir, device=device, bank=copy, memory_options=memory_options)
         before = _ask(gen, questions, copy, **kw)
         ids = entry_ids_by_key(copy, deletions, path=path)
         t0 = time.perf_counter()
@@ -277,5 +280,6 @@ def evaluate_deletions(
         "refresh_s": t2 - t1,
         "visible_after_s": t2 - t0,
         "training_steps": 0,
+        "memory_options": memory_options or {},
         "reports": {"before": before.summary(), "after": after.summary()},
     }

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,7 +75,11 @@ def save_pretrained(
     return directory
 
 
-def read_config(directory: str | os.PathLike) -> ModelConfig:
+def read_config(
+    directory: str | os.PathLike, *, memory_options: Mapping[str, Any] | None = None
+) -> ModelConfig:
+    """``config.json``; ``memory_options`` override the design's recorded options (inference settings such
+    as PlugLM's ``top_n``), checked like the recorded ones: an unknown key or a bad value is refused."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{path}: missing (is {directory} a memlm model folder?)")
@@ -83,21 +89,30 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
+    if memory_options:
+        data["memory_options"] = {**(data.get("memory_options") or {}), **memory_options}
     try:
         return ModelConfig.from_dict(data, source=str(path))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True):
-    """Build the model from ``config.json`` and load its safetensors weights; see the module docstring."""
+def load_model(
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    memory_options: Mapping[str, Any] | None = None,
+):
+    """Build the model from ``config.json`` (``memory_options``: see ``read_config``) and load its safetensors
+    weights; see the module docstring."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from memlm.model.gpt import GPT
 
     directory = Path(directory)
-    config = read_config(directory)
+    config = read_config(directory, memory_options=memory_options)
     weights = directory / WEIGHTS_FILE
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing")
@@ -131,8 +146,13 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     return model.to(device).eval()
 
 
-def load_pretrained(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
+def load_pretrained(
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    memory_options: Mapping[str, Any] | None = None,
+):
     """Model and tokenizer from one folder: ``(GPT, Tokenizer)``."""
     from memlm.tokenizer import Tokenizer
 
-    return load_model(directory, device=device), Tokenizer.load(directory)
+    return load_model(directory, device=device, memory_options=memory_options), Tokenizer.load(directory)
