@@ -250,7 +250,7 @@ class Generator:
         memory_options: dict[str, Any] | None = None,
     ) -> Generator:
         """Load a model folder; a memory model reads ``bank`` (default: the bank it was trained with).
-        ``memory_options`` override the recorded ones for this reading (e.g. PlugLM ``{"top_n": 1}``)."""
+        ``memory_options`` override the recorded ones for this reading (e.g. PlugLM ``{"read_top_n": 5}``)."""
         from memlm.model.checkpoint import load_pretrained
         from memlm.model.memory.binding import load_reader
 

@@ -73,6 +73,21 @@ def test_shapes_backward_and_gold_labels(bios, bank_dir, tokenizer, value):
     assert grads[pooled].abs().sum() > 0
 
 
+def test_inference_reads_read_top_n_while_training_reads_top_n(bios, bank_dir, tokenizer):
+    model = plug_model(read_top_n=1).train()
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.train_batch(docs(bios)[:4])
+        with torch.no_grad():
+            trained = model(batch.input_ids, memory=batch.memory).retrieval.retrieved_ids
+            read = model.eval()(batch.input_ids, memory=batch.memory).retrieval.retrieved_ids
+    B, T = batch.input_ids.shape
+    assert trained.shape == (B, T, N) and read.shape == (B, T, 1)
+    assert torch.equal(read[..., 0], trained[..., 0])  # the best of the same search, not another entry
+    with pytest.raises(ConfigError, match="read_top_n"):
+        plug_model(read_top_n=0)
+
+
 def test_teacher_forcing_puts_a_missed_gold_entry_among_the_read_ones(bios, bank_dir, tokenizer):
     """Training only: every labelled position reads its gold entry, in the last slot when the search missed it."""
     with MemoryBank.open(bank_dir) as bank:

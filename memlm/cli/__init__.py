@@ -61,7 +61,7 @@ def add_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-option", dest="memory_options", action="append", type=_key_value, default=[],
         metavar="KEY=VALUE",
-        help="override one of the model's memory_options when reading, e.g. top_n=1 (PlugLM); repeatable",
+        help="override one of the model's memory_options when reading, e.g. read_top_n=5 (PlugLM); repeatable",
     )  # fmt: skip
 
 

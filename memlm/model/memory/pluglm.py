@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 class PlugLMOptions:
     key_dim: int = 128  # paper: 128-d keys; the MIPS table is (entries, key_dim)
     top_n: int = 5  # paper: top-5 entries per position
+    read_top_n: int | None = None  # inference reads this many (None: top_n); training always reads top_n
     key: str = "about"  # what a key encodes: about (subject + relation of a triple) | text (the whole entry)
     value: str = "vector"  # vector: one pooled vector per entry (paper) | tokens: one value per entry token
     encoder: str = "shared"  # shared: the LM's own token embeddings (paper) | own: a separate embedding table
@@ -72,6 +73,8 @@ class PlugLMOptions:
         for name in ("key_dim", "top_n", "refresh_every", "entry_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
+        if self.read_top_n is not None and self.read_top_n < 1:
+            raise ConfigError(f"model.memory_options.read_top_n must be >= 1 or null, got {self.read_top_n}")
         for name in ("swap_prob", "teacher_forcing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -178,10 +181,11 @@ class KnowledgeAttention(nn.Module):
     def __init__(
         self, *, n_embd: int, n_head: int, key_dim: int, top_n: int, value: str, beta_init: float,
         temperature: float, aux_weight: float, encoder: KnowledgeEncoder, teacher_forcing: float = 0.0,
-        retrieval_negatives: str = "retrieved",
+        retrieval_negatives: str = "retrieved", read_top_n: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.n_head, self.top_n, self.value, self.teacher_forcing = n_head, top_n, value, teacher_forcing
+        self.read_top_n = read_top_n
         self.retrieval_negatives = retrieval_negatives
         self.temperature, self.aux_weight = temperature, aux_weight
         self.query = nn.Linear(n_embd, key_dim)  # the retrieval query, from the position's own hidden state
@@ -203,7 +207,11 @@ class KnowledgeAttention(nn.Module):
             return torch.zeros_like(h)  # no memory: the layer adds nothing
         table = inputs.table
         B, T, C = h.shape
-        N = min(self.top_n, len(table))
+        # Training reads top_n (more chances to read the gold while the query is poor); inference may read
+        # fewer: given several entries of one person the reading often copies the wrong one
+        # (docs/results_pluglm.md: top 5 -> 1 at inference, EM 0.308 -> 0.407 on people plugged in later).
+        n = self.top_n if self.training or self.read_top_n is None else self.read_top_n
+        N = min(n, len(table))
         q = F.normalize(self.query(h), dim=-1)  # (B, T, dk): from position t's hidden state only
         rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
@@ -343,8 +351,9 @@ class PlugLM(MemoryDesign):
         return self._encoder
 
     def layers(self, config: ModelConfig) -> list[int]:
-        """Memory layers: ``model.memory_layers``, or the one before last (a layer after it decodes values)."""
-        layers = config.memory_layers if config.memory_layers is not None else [max(config.n_layer - 2, 0)]
+        """Memory layers: ``model.memory_layers``, or the last block (at 4 x 128 it beat the one before last
+        in every figure: a query with one more block of context, docs/results_pluglm.md)."""
+        layers = config.memory_layers if config.memory_layers is not None else [config.n_layer - 1]
         bad = [i for i in layers if not 0 <= i < config.n_layer]
         if bad:
             raise ConfigError(f"model.memory_layers {bad} out of range for n_layer={config.n_layer}")
@@ -359,7 +368,7 @@ class PlugLM(MemoryDesign):
         branch = KnowledgeAttention(
             n_embd=config.n_embd, n_head=config.n_head, key_dim=o.key_dim, top_n=o.top_n, value=o.value,
             beta_init=o.beta_init, temperature=o.temperature, aux_weight=o.aux_weight, encoder=self._encoder,
-            teacher_forcing=o.teacher_forcing, retrieval_negatives=o.retrieval_negatives,
+            teacher_forcing=o.teacher_forcing, retrieval_negatives=o.retrieval_negatives, read_top_n=o.read_top_n,
         )  # fmt: skip
         return LayerHooks(ffn_branch=branch, replace_ffn=o.replace_ffn)
 
