@@ -3,7 +3,8 @@
 For each question of a QA split, the memory layer's query at the prompt's last position is scored against every
 key in the bank (exact search, the current encoder's keys) and the gold entry's rank is recorded; for ExplicitLM
 also whether the product-key stage's candidates hold it. A wrong top-1 is split by what it names: another
-person, or the same person's other fact::
+person, or the same person's other fact; another person by the words of the name it shares with the gold's
+(first word, last word, any other word, none: a query that holds the whole name confuses near names)::
 
     python benchmarks/learned_query.py --model RUN/final --data /work/exp/bios2k --split unseen --limit 300 \\
         --bank BANK_COPY --json benchmarks/results/explicitlm/tf_2k_s/learned_query.json
@@ -31,6 +32,16 @@ def _layer(model):
     raise SystemExit(f"{model.config.memory!r} has no learned query (explicitlm and pluglm do)")
 
 
+def _shared(gold: str, got: str) -> str:
+    """Which words of the gold subject's name the retrieved one shares: first, last, middle (any other), none."""
+    a, b = gold.split(), got.split()
+    if a[0] == b[0]:
+        return "first"
+    if a[-1] == b[-1]:
+        return "last"
+    return "middle" if set(a[1:-1]) & set(b[1:-1]) else "none"
+
+
 @torch.no_grad()
 def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None) -> dict:
     model, tok = load_pretrained(model_dir)
@@ -43,6 +54,9 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
     questions = [json.loads(x) for x in (data / f"qa/{split}.jsonl").read_text().splitlines()][:limit]
     facts = [json.loads(x) for x in (data / "facts.jsonl").read_text().splitlines()]
     n = top1 = top5 = coarse = other_person = 0
+    shares = {"first": 0, "last": 0, "middle": 0, "none": 0}  # other-person errors by the name words shared
+    chance = dict.fromkeys(shares, 0.0)  # the same split if the wrong person were drawn at random
+    people = sorted({f["subject"] for f in facts})
     for q in questions:
         batch = reader.prompts([q["prompt"]])
         model(torch.tensor([batch.token_ids[0]]), memory=batch.memory)
@@ -61,12 +75,19 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
         n, top1, top5 = n + 1, top1 + (rank == 0), top5 + (rank < 5)
         if rank:
             best = facts[int(bank_ids[scores.argmax()])]
-            other_person += best["subject"] != q["subject"]
+            if best["subject"] != q["subject"]:
+                other_person += 1
+                shares[_shared(q["subject"], best["subject"])] += 1
+                for other in people:
+                    if other != q["subject"]:
+                        chance[_shared(q["subject"], other)] += 1 / (len(people) - 1)
         if design == "explicitlm":
             _, cand = table.search.search(query, layer.o.fine_k)
             coarse += bool((cand == gold[0]).any())
     out = {"model": model_dir, "data": str(data), "split": split, "n": n, "exact_top1": top1 / n,
-           "exact_top5": top5 / n, "wrong_top1_other_person": other_person / max(n - top1, 1)}  # fmt: skip
+           "exact_top5": top5 / n, "wrong_top1_other_person": other_person / max(n - top1, 1),
+           "other_person_shares": {k: v / max(other_person, 1) for k, v in shares.items()},
+           "other_person_shares_by_chance": {k: v / max(other_person, 1) for k, v in chance.items()}}  # fmt: skip
     if design == "explicitlm":
         out["gold_among_coarse_candidates"] = coarse / n
     return out

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.pk_search import ProductKeySearch
-from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
+from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 from memlm.model.memory.registry import register_memory_design
 
 
@@ -575,7 +575,9 @@ class ExplicitLMReader(MemoryReader):
         todo = [r for r in found if r[3] not in self._tokens]
         if todo:
             o, tok = self.options, self.tokenizer
-            keys = tok.encode_batch([r[2] for r in todo])
+            keys = tok.encode_batch(
+                [as_in_a_sentence(r[2]) for r in todo]
+            )  # the words as a question has them
             texts = tok.encode_batch([r[1] for r in todo])
             for r, k, t in zip(todo, keys, texts):
                 self._tokens[r[3]] = (k[: o.key_tokens], t[: o.text_tokens])

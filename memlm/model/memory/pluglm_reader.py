@@ -27,7 +27,7 @@ from torch import Tensor
 
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
-from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
+from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 
 FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
 
@@ -107,7 +107,8 @@ class PlugLMReader(MemoryReader):
         if key not in self._tokens:
             L = self.options.entry_tokens
             about = about_text(entry) if self.options.key == "about" else entry.text
-            self._tokens[key] = (self.tokenizer.encode(about)[:L], self.tokenizer.encode(entry.text)[:L])
+            key_ids = self.tokenizer.encode(as_in_a_sentence(about))[:L]
+            self._tokens[key] = (key_ids, self.tokenizer.encode(entry.text)[:L])
         return self._tokens[key]
 
     def _load(self) -> int:

@@ -153,3 +153,11 @@ class MemoryReader:
         """Bring derived state (indexes, cached artifacts) up to date with the bank's edits; returns how many
         entries were re-derived. Readers also refresh on their own before each retrieval."""
         return 0
+
+
+def as_in_a_sentence(key_text: str) -> str:
+    """A key text as a question or a document spells it: after a space. Byte-level BPE splits a word at the start
+    of a string differently ("Sean" -> S|e|an, " Sean" -> one token), so a key tokenised bare would spell its
+    subject's first name otherwise than every question does, and the query could not match on it (measured:
+    a wrong top-1 shared the first name 2% of the time, the one-token middle initial 19%)."""
+    return key_text if key_text.startswith(" ") else " " + key_text
