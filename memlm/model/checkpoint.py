@@ -79,7 +79,7 @@ def read_config(
     directory: str | os.PathLike, *, memory_options: Mapping[str, Any] | None = None
 ) -> ModelConfig:
     """``config.json``; ``memory_options`` override the design's recorded options (inference settings such
-    as PlugLM's ``top_n``), checked like the recorded ones: an unknown key or a bad value is refused."""
+    as PlugLM's ``read_top_n``), checked like the recorded ones: an unknown key or a bad value is refused."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{path}: missing (is {directory} a memlm model folder?)")

@@ -575,9 +575,8 @@ class ExplicitLMReader(MemoryReader):
         todo = [r for r in found if r[3] not in self._tokens]
         if todo:
             o, tok = self.options, self.tokenizer
-            keys = tok.encode_batch(
-                [as_in_a_sentence(r[2]) for r in todo]
-            )  # the words as a question has them
+            # Key texts spelt as a question spells them (after a space), entry texts as the bank holds them.
+            keys = tok.encode_batch([as_in_a_sentence(r[2]) for r in todo])
             texts = tok.encode_batch([r[1] for r in todo])
             for r, k, t in zip(todo, keys, texts):
                 self._tokens[r[3]] = (k[: o.key_tokens], t[: o.text_tokens])

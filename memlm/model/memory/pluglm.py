@@ -351,8 +351,8 @@ class PlugLM(MemoryDesign):
         return self._encoder
 
     def layers(self, config: ModelConfig) -> list[int]:
-        """Memory layers: ``model.memory_layers``, or the last block (at 4 x 128 it beat the one before last
-        in every figure: a query with one more block of context, docs/results_pluglm.md)."""
+        """Memory layers: ``model.memory_layers``, or the last block (at 4 x 128 it beat the one before last in
+        EM and edits, reading the top 1 or 5: docs/results_pluglm.md)."""
         layers = config.memory_layers if config.memory_layers is not None else [config.n_layer - 1]
         bad = [i for i in layers if not 0 <= i < config.n_layer]
         if bad:

@@ -158,6 +158,7 @@ class MemoryReader:
 def as_in_a_sentence(key_text: str) -> str:
     """A key text as a question or a document spells it: after a space. Byte-level BPE splits a word at the start
     of a string differently ("Sean" -> S|e|an, " Sean" -> one token), so a key tokenised bare would spell its
-    subject's first name otherwise than every question does, and the query could not match on it (measured:
-    a wrong top-1 shared the first name 2% of the time, the one-token middle initial 19%)."""
+    subject's first name otherwise than every question does, and the query could not match on it (bare keys:
+    a wrong top-1 shared the first name 2% of the time, the one-token middle initial 19%; with the space,
+    ExplicitLM's query finds the gold entry for 0.633 of unseen questions, 0.443 before)."""
     return key_text if key_text.startswith(" ") else " " + key_text
