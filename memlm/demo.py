@@ -56,7 +56,7 @@ class DemoConfig:
         default_factory=lambda: {"vocab_size": 2048, "n_layer": 4, "n_head": 4, "n_embd": 128}
     )
     encoder: str = "minilm"  # the bank's encoder
-    # Train dense and the memory model at once, one thread each (on 2 cores: half the time).
+    # Train dense and the memory model at once, one process and one thread each (on 2 cores: half the time).
     parallel: bool = True
 
     def options(self) -> dict[str, Any]:
@@ -89,6 +89,7 @@ class DemoConfig:
             eval_questions=self.questions,
             decode_prompts=16,
             encoder=self.encoder,
+            workers=2 if self.parallel else 1,
         )
 
 
@@ -98,8 +99,6 @@ def run_demo(cfg: DemoConfig, *, out=print, progress: bool = True) -> dict:
     exp = Experiment(cfg.experiment(), progress=progress)
     bench = exp.config.benchmarks[0]
     data, bank = exp.data(bench), exp.bank(bench)
-    if cfg.parallel:
-        _train_side_by_side(exp, bench, cfg.design, data, bank)
     results = exp.run()  # trains what is not trained yet, evaluates, writes results.json and the report
     model, dense = _final(exp, bench, cfg.design), _final(exp, bench, "none")
     results["showcase"] = showcase(model, dense, data, bank, exp.root / "showcase", cfg, out=out)
@@ -108,38 +107,6 @@ def run_demo(cfg: DemoConfig, *, out=print, progress: bool = True) -> dict:
     out(comparison_table(cells.get("none", {}).get(MAIN, {}), cells.get(cfg.design, {}).get(MAIN, {}), cfg))
     out(f"\neverything is in {exp.root}/ (results.json, report.md, plots/, runs/, showcase/)")
     return results
-
-
-def _train_side_by_side(exp: Experiment, bench: BenchmarkSpec, design: str, data: Path, bank: Path) -> None:
-    """Dense in a child process, the memory model here, one thread each: training two small models is
-    dominated by per-op overhead, so two single-threaded runs finish far sooner than two two-threaded ones in
-    a row. Skips what is trained already (a second demo only evaluates)."""
-    import multiprocessing as mp
-
-    import torch
-
-    todo = [d for d in ("none", design) if not (_final(exp, bench, d) / "model.safetensors").is_file()]
-    if len(todo) < 2:
-        return
-    child = mp.get_context("spawn").Process(target=_train_one, args=(exp.config, bench, "none", data, bank))
-    exp.log(f"train: dense in a second process, beside {design} (one thread each)")
-    child.start()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _train_one(exp.config, bench, design, data, bank, progress=exp.progress)
-    finally:
-        torch.set_num_threads(threads)
-        child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"training the dense baseline failed (exit code {child.exitcode}); see above")
-
-
-def _train_one(config, bench, design: str, data: Path, bank: Path, progress: bool = False) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    Experiment(config, progress=progress).train(bench, design, MAIN, data, bank)
 
 
 def _final(exp: Experiment, bench: BenchmarkSpec, design: str) -> Path:

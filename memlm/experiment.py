@@ -2,11 +2,13 @@
 
 The experiment is a set of cells, each written atomically under ``out_dir`` and skipped once done, so a killed
 experiment goes on where it stopped and never retrains a finished cell (a half-trained cell resumes from its
-last checkpoint)::
+last checkpoint; a finished one trained with another recipe than the config's is an error, not a silent
+reuse)::
 
     data/<bench>/                       the benchmark (bios or geo), as `memlm data` writes it
     banks/<bench>/                      its facts in a bank, vectors encoded
     banks/<bench>_x<m>/                 the same bank padded with distractor entities to m x the entries
+    banks/<bench>-<design>-<corpus>/    a training run's own copy of the bank (runs write derived stores)
     runs/<bench>/<design>/<corpus>/     a training run (corpus: train = the seen half; low_P = P% of entities)
     cells/<bench>/<design>/<corpus>.json    its evaluation; cells/<bench>/<design>/bank_x<m>.json
     results.json, report.md, plots/*.png
@@ -52,6 +54,7 @@ class ExperimentConfig:
     benchmarks: list[BenchmarkSpec] = field(default_factory=lambda: [BenchmarkSpec()])
     designs: list[str] = field(default_factory=lambda: ["none", "rag"])  # registry keys; "none" = dense
     design_options: dict[str, Any] = field(default_factory=dict)  # design -> its model.memory_options
+    design_layers: dict[str, list[int]] = field(default_factory=dict)  # design -> model.memory_layers
     model: dict[str, Any] = field(default_factory=dict)  # backbone fields shared by every design
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every design
     low_data: list[int] = field(default_factory=lambda: [1, 10, 100])  # % of entities the corpus covers
@@ -61,6 +64,7 @@ class ExperimentConfig:
     decode_prompts: int = 64  # decode speed: prompts x 32 new tokens at batch 16
     encoder: str = "minilm"  # the banks' encoder (retrieval of the designs that search by text)
     device: str = "auto"  # evaluation device (auto: cuda when available); training follows train.device
+    workers: int = 1  # cells trained and evaluated at once, one process and one thread each
 
     def __post_init__(self) -> None:
         if not self.designs or "none" not in self.designs:
@@ -69,6 +73,8 @@ class ExperimentConfig:
             raise ConfigError("low_data percentages must be in (0, 100]")
         if any(m < 1 for m in self.bank_sizes):
             raise ConfigError("bank_sizes are multiples of the bank (>= 1)")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -93,8 +99,9 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment
 
 
 class Experiment:
-    def __init__(self, config: ExperimentConfig, *, progress: bool = True) -> None:
+    def __init__(self, config: ExperimentConfig, *, progress: bool = True, bars: bool | None = None) -> None:
         self.config, self.progress = config, progress
+        self.bars = progress if bars is None else bars  # training progress bars (log lines: ``progress``)
         self.root = Path(config.out_dir)
         self.device = config.device
         if self.device == "auto":
@@ -116,12 +123,21 @@ class Experiment:
         skipped = [d for d in cfg.designs if d not in known]
         for d in skipped:
             self.log(f"design {d!r} is not registered in this memlm: left out of this run")
+        corpora = [MAIN] + [f"low_{p}" for p in cfg.low_data]
+        cells = [(b, d, c) for b in cfg.benchmarks for d in designs for c in corpora]
         for bench in cfg.benchmarks:
-            data, bank = self.data(bench), self.bank(bench)
-            for design in designs:
-                for corpus in [MAIN] + [f"low_{p}" for p in cfg.low_data]:
-                    run = self.train(bench, design, corpus, data, bank)
-                    self.evaluate(bench, design, corpus, run, data)
+            self.data(bench), self.bank(bench)  # before any worker starts: they share these
+        done = [c for c in cells if self.cell_path(*c).is_file()]
+        for cell in done:
+            self.cell(*cell)  # checks that the run's recipe is still the config's; redoes nothing
+        todo = [c for c in cells if c not in done]
+        if cfg.workers > 1 and len(todo) > 1:
+            self._cells_in_parallel(todo)
+        else:
+            for cell in todo:
+                self.cell(*cell)
+        for bench in cfg.benchmarks:
+            data = self.data(bench)
             for m in cfg.bank_sizes:
                 padded = self.padded_bank(bench, m)
                 for design in designs:
@@ -134,6 +150,27 @@ class Experiment:
         path = write_report(results, self.root)
         self.log(f"report: {path}")
         return results
+
+    def cell_path(self, bench: BenchmarkSpec, design: str, corpus: str) -> Path:
+        return self.root / "cells" / bench.name / design / f"{corpus}.json"
+
+    def cell(self, bench: BenchmarkSpec, design: str, corpus: str) -> dict:
+        """Train (or reuse) one model and evaluate it (or reuse its evaluation)."""
+        data, bank = self.data(bench), self.bank(bench)
+        return self.evaluate(bench, design, corpus, self.train(bench, design, corpus, data, bank), data)
+
+    def _cells_in_parallel(self, cells: list[tuple[BenchmarkSpec, str, str]]) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        n = min(self.config.workers, len(cells))
+        self.log(f"{len(cells)} cells in {n} processes, one thread each (worker 1 shows its progress bars)")
+        ctx = mp.get_context("spawn")
+        slots = ctx.Value("i", 0)
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(slots,)) as pool:
+            futures = [pool.submit(_cell_in_worker, self.config, self.progress, *c) for c in cells]
+            for f in futures:
+                f.result()  # re-raises a worker's error here (the other workers finish their cells first)
 
     # ---- data and banks --------------------------------------------------------------------------
     def data(self, bench: BenchmarkSpec) -> Path:
@@ -189,16 +226,22 @@ class Experiment:
         cfg = self.config
         d = get_memory_design(design)
         suffix = _suffix(design)
+        own_bank = self.root / "banks" / f"{bench.name}-{design}-{corpus}"
         raw = {
-            "model": {**cfg.model, "memory": design, "memory_options": cfg.design_options.get(design, {})},
+            "model": {
+                **cfg.model,
+                "memory": design,
+                "memory_options": cfg.design_options.get(design, {}),
+                "memory_layers": cfg.design_layers.get(design),
+            },
             "data": {
                 "train": [str(data / "corpus" / f"{corpus}{suffix}.jsonl")],
                 "val_fraction": 0.05,
                 "layout": "documents",
-                "bank": str(bank) if d.uses_bank else None,
+                "bank": str(own_bank) if d.uses_bank else None,
                 **({"annotation": "lmlm"} if suffix else {}),
             },
-            "train": {**cfg.train, "progress": self.progress},
+            "train": {**cfg.train, "progress": self.bars},
             "out_dir": str(self.root / "runs" / bench.name / design / corpus),
         }
         return from_dict(RunConfig, raw)
@@ -209,14 +252,22 @@ class Experiment:
         run_cfg = self.run_config(bench, design, corpus, data, bank)
         out = Path(run_cfg.out_dir)
         if (out / "final" / "model.safetensors").is_file():
+            _check_same_recipe(out, run_cfg)
             return out / "final"
+        if run_cfg.data.bank is not None and not Path(run_cfg.data.bank).is_dir():
+            from memlm.eval.update import copy_bank
+
+            with atomic_path(run_cfg.data.bank) as tmp:
+                copy_bank(bank, tmp)
         self.log(f"train: {bench.name} / {design} / {corpus}")
+        t0 = time.perf_counter()
         Trainer(run_cfg).fit(resume=True)
+        self.log(f"trained: {bench.name} / {design} / {corpus} in {(time.perf_counter() - t0) / 60:.1f} min")
         return out / "final"
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, bench, design: str, corpus: str, model_dir: Path, data: Path) -> dict:
-        path = self.root / "cells" / bench.name / design / f"{corpus}.json"
+        path = self.cell_path(bench, design, corpus)
         if path.is_file():
             return json.loads(path.read_text())
         self.log(f"evaluate: {bench.name} / {design} / {corpus}")
@@ -289,6 +340,36 @@ class Experiment:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+_SLOT = 0  # this worker process's number (0: the one that shows progress bars)
+
+
+def _init_worker(slots) -> None:
+    import torch
+
+    global _SLOT
+    with slots.get_lock():
+        _SLOT, slots.value = slots.value, slots.value + 1
+    torch.set_num_threads(1)
+
+
+def _cell_in_worker(config: ExperimentConfig, progress: bool, bench, design: str, corpus: str) -> None:
+    Experiment(config, progress=progress, bars=progress and _SLOT == 0).cell(bench, design, corpus)
+
+
+def _check_same_recipe(run_dir: Path, cfg) -> None:
+    """A finished run is reused only if the config would train it again the same way (a changed recipe in the
+    experiment YAML must not be reported with numbers of the old one)."""
+    from memlm.config import load_config
+    from memlm.train.loop import recipe_changes
+
+    changes = recipe_changes(load_config(run_dir / "config.yaml"), cfg)
+    if changes:
+        raise ConfigError(
+            f"{run_dir} was trained with another recipe than this experiment's ({'; '.join(changes[:4])}): "
+            "delete that run (and its cells/ JSON) to retrain it, or use another out_dir"
+        )
+
+
 def _generate(bench: BenchmarkSpec, out: Path) -> None:
     from memlm.data.benchmark import BenchmarkConfig
 

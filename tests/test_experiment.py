@@ -1,6 +1,7 @@
 """`memlm experiment` end to end on a tiny config: every cell, the report and plots, and resume."""
 
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,7 @@ eval_questions: 6
 max_new_tokens: 4
 decode_prompts: 4
 encoder: "hashing:64"
+workers: 2
 """
 
 
@@ -56,6 +58,19 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
         assert p.stat().st_mtime_ns == t or p.name == "low_10.json"
     assert all(p.stat().st_mtime_ns == t for p, t in finals.items())  # no training redone
     assert (out / "cells" / "bios" / "rag" / "low_10.json").is_file()
+
+    # Each training read its own copy of the bank: runs write derived stores (indexes), and workers run at once.
+    banks = {p.name for p in (out / "banks").iterdir()}
+    assert {"bios", "bios-rag-train", "bios-rag-low_10", "bios-rag-low_100"} <= banks
+    assert not any(n.startswith("bios-none") for n in banks)  # dense reads no bank
+
+    # A finished run is not reused under a changed recipe: its numbers would be reported as the new one's.
+    cfg.write_text(TINY.format(out=out).replace("swap_prob: 0.5", "swap_prob: 0.25"))
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(cfg), "--quiet"]) != 0
+    assert re.search(
+        r"rag/train was trained with another recipe .*'swap_prob': 0.5} -> .*0.25", capsys.readouterr().err
+    )
 
 
 def test_bad_experiment_config_names_the_file(tmp_path):

@@ -486,6 +486,14 @@ def _trajectory(cfg: RunConfig, world_size: int, tokenizer_fp: str, n_train_toke
     return json.loads(json.dumps(flat, sort_keys=True))
 
 
+def recipe_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """``key: old -> new`` for every config value that changes what training computes (not where it logs)."""
+    a, b = (_flatten(c.to_dict()) for c in (old, new))
+    ignore = NOT_TRAJECTORY - {"train.batch_size", "train.grad_accum"}  # on one device, these are the batch
+    keys = sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
 def _check_same_run(ckpt: Path, old: dict, new: dict) -> None:
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if diff:
