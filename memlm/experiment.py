@@ -58,7 +58,7 @@ class ExperimentConfig:
     model: dict[str, Any] = field(default_factory=dict)  # backbone fields shared by every design
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every design
     low_data: list[int] = field(default_factory=lambda: [1, 10, 100])  # % of entities the corpus covers
-    bank_sizes: list[int] = field(default_factory=lambda: [10, 100])  # bank padded to m x its entries
+    bank_sizes: list[int] = field(default_factory=lambda: [1, 10, 100])  # bank padded to m x its entries
     eval_questions: int = 600  # per split, a seeded sample (0: every question)
     max_new_tokens: int = 16
     decode_prompts: int = 64  # decode speed: prompts x 32 new tokens at batch 16
@@ -189,8 +189,11 @@ class Experiment:
         _build_bank(self.data(bench) / "facts.jsonl", out, self.config.encoder, progress=self.progress)
         return out
 
-    def padded_bank(self, bench: BenchmarkSpec, m: int) -> Path:
-        """The bank plus distractor entities (others than the benchmark's) up to m x its entries."""
+    def padded_bank(self, bench: BenchmarkSpec, m: int) -> Path | None:
+        """The bank plus distractor entities (others than the benchmark's) up to m x its entries (1: None, each
+        design reads its training run's copy of the bank: the sweep's starting point)."""
+        if m == 1:
+            return None
         out = self.root / "banks" / f"{bench.name}_x{m}"
         if (out / "READY").is_file():
             return out
@@ -297,7 +300,7 @@ class Experiment:
         write_json(path, cell)
         return cell
 
-    def evaluate_bank_size(self, bench, design: str, m: int, bank: Path, data: Path) -> dict:
+    def evaluate_bank_size(self, bench, design: str, m: int, bank: Path | None, data: Path) -> dict:
         path = self.root / "cells" / bench.name / design / f"bank_x{m}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -305,7 +308,8 @@ class Experiment:
         from memlm.eval.qa import load_qa
         from memlm.generate import Generator
 
-        model_dir = Path(self.run_config(bench, design, MAIN, data, bank).out_dir) / "final"
+        run_cfg = self.run_config(bench, design, MAIN, data, self.bank(bench))
+        model_dir, bank = Path(run_cfg.out_dir) / "final", bank or Path(run_cfg.data.bank)
         records = _sample(load_qa(data, "unseen"), self.config.eval_questions or None)
         with Generator.from_pretrained(model_dir, bank=bank, device=self.device) as gen:
             gen.generate([records[0].prompt], max_new_tokens=1)  # build indexes outside the timing

@@ -19,7 +19,7 @@ design_options: {{rag: {{k: 1, encoder: "hashing:64", swap_prob: 0.5}}}}
 model: {{vocab_size: 300, n_layer: 1, n_head: 2, n_embd: 32, block_size: 256}}
 train: {{max_steps: 3, batch_size: 4, warmup_steps: 1, eval_every: 0, save_every: 2, log_every: 1}}
 low_data: [10, 100]
-bank_sizes: [3]
+bank_sizes: [1, 3]
 eval_questions: 6
 max_new_tokens: 4
 decode_prompts: 4
@@ -37,11 +37,12 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
     assert results["designs"] == ["none", "rag"] and results["not_registered"] == ["not-a-design"]
     bios = results["benchmarks"]["bios"]
     assert set(bios["none"]) == {"train", "low_10", "low_100"}
-    assert set(bios["rag"]) == {"train", "low_10", "low_100", "bank_x3"}
+    assert set(bios["rag"]) == {"train", "low_10", "low_100", "bank_x1", "bank_x3"}
     rag = bios["rag"]["train"]
     assert rag["qa_unseen"]["n"] == 6 and rag["qa_unseen"]["retrieval"]["n"] == 6
     assert rag["edit"]["training_steps"] == 0 and rag["delete"]["deleted_entries_read_after"] == 0
     assert rag["perplexity_heldout"]["docs"] > 0 and rag["decode_tok_s_b16"] > 0
+    assert bios["rag"]["bank_x1"]["entries"] == 16 * 6  # the bank itself: the sweep's latency starts here
     assert bios["rag"]["bank_x3"]["entries"] >= 2.5 * 16 * 6  # padded with distractor people
     assert "edit" not in bios["none"]["train"] and bios["none"]["train"]["qa_seen"]["retrieval"] is None
     report = (out / "report.md").read_text()

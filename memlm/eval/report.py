@@ -85,7 +85,7 @@ def bank_sizes(bench: dict[str, dict]) -> dict[str, list[tuple[int, float, float
     out = {}
     for d, cells in bench.items():
         pts = []
-        if "train" in cells and _get(cells, "train", "qa_unseen", "em") is not None:
+        if "bank_x1" not in cells and _get(cells, "train", "qa_unseen", "em") is not None:
             base = cells["train"]
             pts.append((1, base["qa_unseen"]["em"], None, None))
         for k, c in cells.items():
