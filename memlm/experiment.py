@@ -22,7 +22,6 @@ questions with the bank padded by distractors: EM and retrieval latency).
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from memlm.errors import ConfigError
+from memlm.eval.qa import sample_questions
 from memlm.utils.io import atomic_path, write_json
 
 MAIN = "train"  # the main corpus: text about the seen half of the entities
@@ -286,7 +286,7 @@ class Experiment:
         splits = ("seen", "unseen") if corpus == MAIN else ("all",)
         with Generator.from_pretrained(model_dir, device=self.device) as gen:
             for split in splits:
-                records = _sample(load_qa(data, split), n)
+                records = sample_questions(load_qa(data, split), n)
                 cell[f"qa_{split}"] = _ask(gen, records, cfg.max_new_tokens).summary()
             if corpus == MAIN:
                 docs = _heldout_docs(data, n or 10**9, _suffix(design))
@@ -310,7 +310,7 @@ class Experiment:
 
         run_cfg = self.run_config(bench, design, MAIN, data, self.bank(bench))
         model_dir, bank = Path(run_cfg.out_dir) / "final", bank or Path(run_cfg.data.bank)
-        records = _sample(load_qa(data, "unseen"), self.config.eval_questions or None)
+        records = sample_questions(load_qa(data, "unseen"), self.config.eval_questions or None)
         with Generator.from_pretrained(model_dir, bank=bank, device=self.device) as gen:
             gen.generate([records[0].prompt], max_new_tokens=1)  # build indexes outside the timing
             t0 = time.perf_counter()
@@ -418,24 +418,12 @@ def _build_bank(facts: Path, out: Path, encoder: str, *, progress: bool) -> None
         (tmp / "READY").write_text("ok\n")
 
 
-def _sample(records: list, n: int | None) -> list:
-    if n is None or n >= len(records):
-        return records
-    return random.Random(0).sample(records, n)
-
-
 def _ask(gen, records, max_new_tokens: int):
-    from memlm.eval.qa import evaluate_qa
+    from memlm.eval.qa import bank_entry_ids, evaluate_qa
 
-    bank = getattr(gen.reader, "bank", None)
-    entry_id = None
-    if bank is not None:
-        from memlm.eval.update import entry_ids_by_key
-
-        keys = sorted({(r.subject, r.relation) for r in records})
-        ids = dict(zip(keys, entry_ids_by_key(bank, [{"subject": s, "relation": r} for s, r in keys])))
-        entry_id = lambda r: ids[(r.subject, r.relation)]  # noqa: E731
-    return evaluate_qa(gen, records, max_new_tokens=max_new_tokens, fact_to_entry_id=entry_id)
+    return evaluate_qa(
+        gen, records, max_new_tokens=max_new_tokens, fact_to_entry_id=bank_entry_ids(gen, records)
+    )
 
 
 def _suffix(design: str) -> str:
@@ -456,7 +444,7 @@ def _heldout_docs(data: Path, limit: int, suffix: str = "") -> list[str]:
         text = json.loads(line)["text"]
         if pattern.search(text):
             docs.append(text)
-    return _sample(docs, limit)
+    return sample_questions(docs, limit)
 
 
 def _drop_reports(result: dict) -> dict:

@@ -60,6 +60,17 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in finals.items())  # no training redone
     assert (out / "cells" / "bios" / "rag" / "low_10.json").is_file()
 
+    # A cell is what `memlm eval qa --sample N` gives for its model: the same questions, the same answers.
+    cli = tmp_path / "cli"
+    model, data = out / "runs" / "bios" / "rag" / "train" / "final", out / "data" / "bios"
+    args = ["eval", "qa", "--model", str(model), "--data", str(data), "--split", "unseen", "--sample", "6"]
+    assert main([*args, "--max-new-tokens", "4", "--out", str(cli)]) == 0
+    by_cli = json.loads((cli / "qa_unseen.json").read_text())
+    assert (
+        by_cli["per_relation"] == rag["qa_unseen"]["per_relation"]
+        and by_cli["retrieval"] == rag["qa_unseen"]["retrieval"]
+    )
+
     # Each training read its own copy of the bank: runs write derived stores (indexes), and workers run at once.
     banks = {p.name for p in (out / "banks").iterdir()}
     assert {"bios", "bios-rag-train", "bios-rag-low_10", "bios-rag-low_100"} <= banks

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 from memlm.cli import add_memory_option
@@ -65,13 +64,10 @@ def register(subparsers) -> None:
 
 
 def run_qa(args) -> int:
-    from memlm.eval.qa import load_qa, markdown_table, write_report
+    from memlm.eval.qa import load_qa, markdown_table, sample_questions, write_report
     from memlm.generate import Generator
 
-    records = load_qa(args.data, args.split)
-    if args.sample is not None:  # the file's records shuffled with Random(0), the first N kept
-        random.Random(0).shuffle(records)
-        records = records[: args.sample]
+    records = sample_questions(load_qa(args.data, args.split), args.sample)
     if args.limit is not None:
         records = records[: args.limit]
     options = dict(args.memory_options)
@@ -91,25 +87,17 @@ def run_qa(args) -> int:
 
 
 def _qa(gen, records, args):
-    from memlm.eval.qa import evaluate_qa
+    from memlm.eval.qa import bank_entry_ids, evaluate_qa
 
-    entry_id, bank = None, _bank(gen)
-    if bank is not None:
-        from memlm.eval.update import entry_ids_by_key
-
-        keys = sorted({(r.subject, r.relation) for r in records})
-        found = entry_ids_by_key(bank, [{"subject": s, "relation": r} for s, r in keys])
-        ids = dict(zip(keys, found))
-        entry_id = lambda r: ids[(r.subject, r.relation)]  # noqa: E731 - hit = this fact's entry was used
     report = evaluate_qa(
         gen,
         records,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        fact_to_entry_id=entry_id,
+        fact_to_entry_id=bank_entry_ids(gen, records),
         progress=True,
     )
-    return report, bank
+    return report, _bank(gen)
 
 
 def _bank(gen):

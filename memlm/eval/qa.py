@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import string
 import unicodedata
@@ -102,6 +103,16 @@ def load_qa(data_dir: str | os.PathLike, split: str) -> list[QARecord]:
     return records
 
 
+def sample_questions(records: list, n: int | None) -> list:
+    """The seeded sample every quick evaluation uses (``memlm eval qa --sample N``, ``memlm experiment``): the
+    records shuffled with Random(0), the first ``n`` kept; ``None`` or ``n >= len``: all, in file order."""
+    if n is None or n >= len(records):
+        return records
+    shuffled = list(records)
+    random.Random(0).shuffle(shuffled)
+    return shuffled[:n]
+
+
 def _text_and_retrieved(item) -> tuple[str, list[int] | None]:
     if isinstance(item, str):
         return item, None
@@ -111,6 +122,19 @@ def _text_and_retrieved(item) -> tuple[str, list[int] | None]:
 
 def _rate(values: list[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def bank_entry_ids(generator, records: Sequence[QARecord]) -> Callable[[QARecord], int | None] | None:
+    """question -> the id of its fact's entry in the bank the generator reads (a retrieval hit = that entry was
+    used); None when the generator reads no bank."""
+    bank = getattr(getattr(generator, "reader", None), "bank", None)
+    if bank is None:
+        return None
+    from memlm.eval.update import entry_ids_by_key  # (update imports this module)
+
+    keys = sorted({(r.subject, r.relation) for r in records})
+    ids = dict(zip(keys, entry_ids_by_key(bank, [{"subject": s, "relation": r} for s, r in keys])))
+    return lambda r: ids[(r.subject, r.relation)]
 
 
 def evaluate_qa(
