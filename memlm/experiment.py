@@ -222,7 +222,7 @@ class Experiment:
         return out
 
     # ---- training --------------------------------------------------------------------------------
-    def run_config(self, bench: BenchmarkSpec, design: str, corpus: str, data: Path, bank: Path):
+    def run_config(self, bench: BenchmarkSpec, design: str, corpus: str, data: Path):
         from memlm.config import RunConfig, from_dict
         from memlm.model.memory import get_memory_design
 
@@ -252,7 +252,7 @@ class Experiment:
     def train(self, bench, design: str, corpus: str, data: Path, bank: Path) -> Path:
         from memlm.train import Trainer
 
-        run_cfg = self.run_config(bench, design, corpus, data, bank)
+        run_cfg = self.run_config(bench, design, corpus, data)
         out = Path(run_cfg.out_dir)
         if (out / "final" / "model.safetensors").is_file():
             _check_same_recipe(out, run_cfg)
@@ -308,7 +308,7 @@ class Experiment:
         from memlm.eval.qa import load_qa
         from memlm.generate import Generator
 
-        run_cfg = self.run_config(bench, design, MAIN, data, self.bank(bench))
+        run_cfg = self.run_config(bench, design, MAIN, data)
         model_dir, bank = Path(run_cfg.out_dir) / "final", bank or Path(run_cfg.data.bank)
         records = sample_questions(load_qa(data, "unseen"), self.config.eval_questions or None)
         with Generator.from_pretrained(model_dir, bank=bank, device=self.device) as gen:
