@@ -169,8 +169,12 @@ class Experiment:
         slots = ctx.Value("i", 0)
         with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(slots,)) as pool:
             futures = [pool.submit(_cell_in_worker, self.config, self.progress, *c) for c in cells]
-            for f in futures:
-                f.result()  # re-raises a worker's error here (the other workers finish their cells first)
+            try:
+                for f in futures:
+                    f.result()  # re-raises a worker's error here
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # cells already running end; queued ones never start
+                raise
 
     # ---- data and banks --------------------------------------------------------------------------
     def data(self, bench: BenchmarkSpec) -> Path:

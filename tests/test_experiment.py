@@ -93,3 +93,15 @@ def test_bad_experiment_config_names_the_file(tmp_path):
     cfg.write_text("benchmarks: [{name: wiki}]\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: benchmarks\[\].name must be bios or geo"):
         load_experiment(cfg)
+
+
+def test_a_cell_that_fails_in_a_worker_fails_the_experiment(tmp_path, capsys):
+    out = tmp_path / "exp"
+    cfg = tmp_path / "cpu.yaml"
+    bad = TINY.format(out=out).replace("{k: 1,", "{k: 0,")  # the rag cell fails in its worker, nowhere else
+    cfg.write_text(
+        bad.replace("low_data: [10, 100]", "low_data: []").replace("bank_sizes: [1, 3]", "bank_sizes: []")
+    )
+    assert main(["experiment", "--config", str(cfg), "--quiet"]) != 0
+    assert "memory_options.k must be >= 1" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
