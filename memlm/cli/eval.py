@@ -87,7 +87,7 @@ def run_qa(args) -> int:
 
 
 def _qa(gen, records, args):
-    from memlm.eval.qa import bank_entry_ids, evaluate_qa
+    from memlm.eval.qa import bank_entry_ids, evaluate_qa, reader_bank
 
     report = evaluate_qa(
         gen,
@@ -97,12 +97,7 @@ def _qa(gen, records, args):
         fact_to_entry_id=bank_entry_ids(gen, records),
         progress=True,
     )
-    return report, _bank(gen)
-
-
-def _bank(gen):
-    """The bank the generator's model reads, or None (a model without memory, or any QA-capable object)."""
-    return getattr(getattr(gen, "reader", None), "bank", None)
+    return report, reader_bank(gen)
 
 
 def _write(result: dict, args, name: str) -> Path:

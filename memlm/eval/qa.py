@@ -124,10 +124,15 @@ def _rate(values: list[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def reader_bank(generator):
+    """The bank the generator's model reads, or None (a model without memory, or any QA-capable object)."""
+    return getattr(getattr(generator, "reader", None), "bank", None)
+
+
 def bank_entry_ids(generator, records: Sequence[QARecord]) -> Callable[[QARecord], int | None] | None:
     """question -> the id of its fact's entry in the bank the generator reads (a retrieval hit = that entry was
     used); None when the generator reads no bank."""
-    bank = getattr(getattr(generator, "reader", None), "bank", None)
+    bank = reader_bank(generator)
     if bank is None:
         return None
     from memlm.eval.update import entry_ids_by_key  # (update imports this module)

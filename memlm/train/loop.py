@@ -488,16 +488,24 @@ def _trajectory(cfg: RunConfig, world_size: int, tokenizer_fp: str, n_train_toke
 
 def recipe_changes(old: RunConfig, new: RunConfig) -> list[str]:
     """``key: old -> new`` for every config value that changes what training computes (not where it logs)."""
-    a, b = (_flatten(c.to_dict()) for c in (old, new))
     ignore = NOT_TRAJECTORY - {"train.batch_size", "train.grad_accum"}  # on one device, these are the batch
-    keys = sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+    a, b = ({k: v for k, v in _flatten(c.to_dict()).items() if k not in ignore} for c in (old, new))
+    return _changes(a, b)
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every key whose value differs, sorted by key."""
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
 
 
 def _check_same_run(ckpt: Path, old: dict, new: dict) -> None:
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = _changes(old, new)
     if diff:
-        changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        changes = "; ".join(diff[:6])
         raise CheckpointError(
             f"{ckpt} was saved by a run with another config ({changes}); resume with the original config "
             "or choose another out_dir"
