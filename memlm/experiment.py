@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,14 @@ class ExperimentConfig:
             raise ConfigError("bank_sizes are multiples of the bank (>= 1)")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        from memlm.config import ModelConfig, TrainConfig, from_dict
+
+        # Typed at load, not in a worker an hour later: a misspelt key fails now, and YAML's '3e-3' (a string in
+        # YAML 1.1) becomes the float the trainer and the report see.
+        for name, cls in (("train", TrainConfig), ("model", ModelConfig)):
+            given = getattr(self, name)
+            typed = from_dict(cls, given, prefix=f"{name}.")
+            setattr(self, name, {k: getattr(typed, k, v) for k, v in given.items()})
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -111,7 +120,10 @@ class Experiment:
 
     def log(self, msg: str) -> None:
         if self.progress:
-            print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+            # On a terminal another worker's progress bar may own the current line: clear it first, so the
+            # message starts a line of its own (the bar redraws below it on its next step).
+            clear = "\r\x1b[K" if sys.stdout.isatty() else ""
+            print(f"{clear}[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     # ---- the whole thing -------------------------------------------------------------------------
     def run(self) -> dict:

@@ -93,6 +93,20 @@ def test_bad_experiment_config_names_the_file(tmp_path):
     cfg.write_text("benchmarks: [{name: wiki}]\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: benchmarks\[\].name must be bios or geo"):
         load_experiment(cfg)
+    cfg.write_text("train: {lerning_rate: 0.1}\n")  # caught at load, not in a worker once the data is built
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.lerning_rate'"):
+        load_experiment(cfg)
+    cfg.write_text("model: {n_layer: two}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*model.n_layer"):
+        load_experiment(cfg)
+
+
+def test_experiment_training_values_are_typed(tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    # YAML 1.1 reads 3e-3 as a string; the trainer, the recipe check and the report want the float
+    cfg.write_text("train: {lr: 3e-3, max_steps: '20'}\nmodel: {n_layer: 2}\n")
+    loaded = load_experiment(cfg)
+    assert loaded.train == {"lr": 0.003, "max_steps": 20} and loaded.model == {"n_layer": 2}
 
 
 def test_a_cell_that_fails_in_a_worker_fails_the_experiment(tmp_path, capsys):
