@@ -47,6 +47,9 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
     assert "edit" not in bios["none"]["train"] and bios["none"]["train"]["qa_seen"]["retrieval"] is None
     report = (out / "report.md").read_text()
     assert "| dense |" in report and "| rag |" in report and "low data" in report and "bank size" in report
+    unseen_leak = rag["delete"]["leak_by_entity"].get("unseen")
+    row = next(line for line in report.splitlines() if line.startswith("| rag |")).split("|")
+    assert row[10].strip() == (f"{unseen_leak['leak']:.3f}" if unseen_leak else "—")  # the unseen-entity leak
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert pngs == ["bios_accuracy_vs_speed.png", "bios_bank_size.png", "bios_low_data.png"]
 

@@ -94,6 +94,11 @@ def test_edit_and_delete_never_touch_the_original_bank(run, capsys):
     assert edit["edits"] == 6 and edit["training_steps"] == 0 and edit["visible_after_s"] > 0
     assert 0 <= edit["new_value_rate"] <= 1 and 0 <= edit["others_unchanged"] <= 1
     assert delete["deletions"] == 6 and delete["deleted_entries_read_after"] == 0
+    parts = delete["leak_by_entity"]  # every question is counted on its entity's side, and the sides add up
+    assert sum(v["n"] for v in parts.values()) == delete["questions"]
+    assert sum(v["leak"] * v["n"] for v in parts.values()) == pytest.approx(
+        delete["leak"] * delete["questions"]
+    )
     text = capsys.readouterr().out
     assert "no training step" in text and "still answered (leak)" in text
 

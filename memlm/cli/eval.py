@@ -139,7 +139,12 @@ def run_delete(args) -> int:
     print(
         f"deletions {r['deletions']} (questions {r['questions']}), no training step:\n"
         f"  still answered (leak) {r['leak']:.3f}   (answered before deletion: {r['answered_before']:.3f})\n"
-        f"  deleted entries read  {r['deleted_entries_read_after']}\n"
+        + "".join(
+            f"    {side + ' entities':<19} {v['leak']:.3f} of {v['n']}"
+            + ("   (in the training text: what the weights memorised)\n" if side == "seen" else "\n")
+            for side, v in r["leak_by_entity"].items()
+        )
+        + f"  deleted entries read  {r['deleted_entries_read_after']}\n"
         f"  visible after         {r['visible_after_s']:.2f} s"
     )
     print(f"wrote {_write(r, args, 'delete')}")
