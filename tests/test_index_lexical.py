@@ -56,3 +56,20 @@ def test_deleted_fact_cannot_be_found_any_way(bank):
     assert lex.lookup("Maria Sklodowska", "birth city").entry.id == curie
     hit = lex.lookup("Marie Curie", "birth city")
     assert hit is None or hit.how == "fuzzy"
+
+
+def test_fuzzy_index_encodes_each_name_once(bank):
+    """Every entry of a subject is keyed by the same name: it is encoded once, not once per entry."""
+    seen: list[str] = []
+
+    class Counting(HashingEncoder):
+        def encode(self, texts, **kw):
+            seen.extend(texts)
+            return super().encode(texts, **kw)
+
+    lex = LexicalIndex(bank, Counting(dim=256), threshold=0.5)
+    assert lex.lookup("Marie Curi", "birth city").entry.object == "Warsaw"
+    names = {"France", "French Republic", "Marie Curie"}
+    assert sorted(seen) == sorted([*names, "Marie Curi"])  # three names and the query, each once
+    bank.add(subject="Marie Curie", relation="award", object="Nobel Prize", namespace="bios")
+    assert lex.lookup("Marie Curi", "award").entry.object == "Nobel Prize"  # the edit is followed

@@ -156,9 +156,15 @@ class LexicalIndex:
         return out_ids, texts, nss
 
     def _add(self, ids: list[int], texts: list[str], nss: list[str]) -> None:
+        # A subject's name keys each of its entries (3 to 6 of them): encode every distinct name once. The first
+        # fuzzy lookup pays this encode; on geo's 7,485 entries it was 28 s for 2,252 names.
+        names = list(dict.fromkeys(texts))
+        vec: dict[str, np.ndarray] = {}
+        for c in range(0, len(names), 8192):
+            vec.update(zip(names[c : c + 8192], self.encoder.encode(names[c : c + 8192]), strict=True))
         for c in range(0, len(ids), 8192):
-            vecs = self.encoder.encode(texts[c : c + 8192])
-            self._fuzzy.add(np.asarray(ids[c : c + 8192], np.int64), vecs, nss[c : c + 8192])
+            rows = np.stack([vec[t] for t in texts[c : c + 8192]])
+            self._fuzzy.add(np.asarray(ids[c : c + 8192], np.int64), rows, nss[c : c + 8192])
 
     def refresh(self) -> None:
         """Bring the fuzzy key index up to date with the bank's edit log."""
