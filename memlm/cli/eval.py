@@ -141,7 +141,7 @@ def run_delete(args) -> int:
         f"  still answered (leak) {r['leak']:.3f}   (answered before deletion: {r['answered_before']:.3f})\n"
         + "".join(
             f"    {side + ' entities':<19} {v['leak']:.3f} of {v['n']}"
-            + ("   (in the training text: what the weights memorised)\n" if side == "seen" else "\n")
+            + ("   (also in the training text: may come from the weights)\n" if side == "seen" else "\n")
             for side, v in r["leak_by_entity"].items()
         )
         + f"  deleted entries read  {r['deleted_entries_read_after']}\n"

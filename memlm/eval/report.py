@@ -1,8 +1,8 @@
 """The report of ``memlm experiment``: markdown tables and PNG plots from ``results.json``.
 
 Tables per benchmark: the main comparison (EM seen / unseen, hit rate, EM given hit / miss, edits, deletion
-leak (all, and unseen entities' alone), held-out perplexity, decode speed with ratios to dense and RAG), the low-data sweep with each design's
-ratio to dense, the bank-size sweep. Plots: accuracy vs training-data share; accuracy vs decode speed; accuracy
+leak (all, and unseen entities' alone), held-out perplexity, decode speed with ratios to dense and RAG), the
+low-data sweep with each design's ratio to dense, the bank-size sweep. Plots: accuracy vs training-data share; accuracy vs decode speed; accuracy
 and latency vs bank size.
 """
 

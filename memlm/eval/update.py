@@ -128,10 +128,10 @@ def _share(preds, answers: dict[int, str]) -> float:
 
 
 def _leak_by_entity(data_dir: Path, preds, answers: dict[int, str]) -> dict[str, dict]:
-    """The leak apart for seen and unseen entities. A seen entity's facts are in the training text: what is still
-    answered after its entry is gone, the weights memorised (no bank deletion removes that; forgetting needs
-    training). An unseen entity's fact was only ever in the bank: its leak is the memory path's own, or a guess
-    (the dense model guesses some geo facts: a common timezone or continent)."""
+    """The leak apart for seen and unseen entities. A seen entity's facts are also in the training text, so what is
+    still answered after its entry is gone may come from the weights (no bank deletion removes that). An unseen
+    entity's fact was only ever in the bank: its leak is the memory path's own, or a guess (on geo every design
+    leaks more for unseen entities: a common timezone or continent is guessable)."""
     side = {r["fact_id"]: r.get("entity_split") for _, r in iter_jsonl(data_dir / "qa" / "deleted.jsonl")}
     out = {}
     for name in ("seen", "unseen"):
