@@ -41,6 +41,7 @@ class QARecord:
     relation: str
     fact_id: int
     split: str
+    entity_split: str | None = None  # seen | unseen: is the entity's text in training (edit/delete sets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,10 @@ def load_qa(data_dir: str | os.PathLike, split: str) -> list[QARecord]:
             for key, typ in QA_FIELDS.items():
                 if not isinstance(obj.get(key), typ):
                     raise InputError(f"expected {typ.__name__}", path=path, line=lineno, field=key)
-            records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}))
+            side = obj.get("entity_split")
+            if side is not None and not isinstance(side, str):
+                raise InputError("expected str", path=path, line=lineno, field="entity_split")
+            records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}, entity_split=side))
     return records
 
 

@@ -127,12 +127,12 @@ def _share(preds, answers: dict[int, str]) -> float:
     return sum(exact_match(p.output, answers[p.fact_id]) for p in preds) / max(len(preds), 1)
 
 
-def _leak_by_entity(data_dir: Path, preds, answers: dict[int, str]) -> dict[str, dict]:
+def _leak_by_entity(questions: Sequence[QARecord], preds, answers: dict[int, str]) -> dict[str, dict]:
     """The leak apart for seen and unseen entities. A seen entity's facts are also in the training text, so what is
     still answered after its entry is gone may come from the weights (no bank deletion removes that). An unseen
     entity's fact was only ever in the bank: its leak is the memory path's own, or a guess (on geo every design
     leaks more for unseen entities: a common timezone or continent is guessable)."""
-    side = {r["fact_id"]: r.get("entity_split") for _, r in iter_jsonl(data_dir / "qa" / "deleted.jsonl")}
+    side = {r.fact_id: r.entity_split for r in questions}
     out = {}
     for name in ("seen", "unseen"):
         part = [p for p in preds if side.get(p.fact_id) == name]
@@ -289,7 +289,7 @@ def evaluate_deletions(
         "deletions": len(deletions),
         "questions": len(questions),
         "leak": _share(after.predictions, old),  # target <= 0.01
-        "leak_by_entity": _leak_by_entity(data_dir, after.predictions, old),
+        "leak_by_entity": _leak_by_entity(questions, after.predictions, old),
         "answered_before": _share(before.predictions, old),
         "deleted_entries_read_after": reread,  # must be 0: a deleted entry is never retrieved
         "apply_s": t1 - t0,
