@@ -174,9 +174,10 @@ def refresh_only(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    opts, layers = shipped("pluglm")
     cfg = ModelConfig(
         vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-        memory="pluglm", memory_options=shipped("pluglm")[0], memory_layers=shipped("pluglm")[1],
+        memory="pluglm", memory_options=opts, memory_layers=layers,
     )  # fmt: skip
     model = GPT(cfg).to(args.device).eval()
     rows = {str(n): key_refresh_seconds(model, n, device=args.device) for n in args.refresh_sizes}
