@@ -364,12 +364,32 @@ _SLOT = 0  # this worker process's number (0: the one that shows progress bars)
 
 
 def _init_worker(slots) -> None:
+    import os
+    import threading
+
     import torch
 
     global _SLOT
     with slots.get_lock():
         _SLOT, slots.value = slots.value, slots.value + 1
     torch.set_num_threads(1)
+    # A worker ends with the experiment: killed with `kill PID`, the parent never reaches the pool's shutdown,
+    # and its workers would go on training unseen (each cell resumes from its checkpoints when run again).
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 5.0) -> None:
+    import os
+
+    while _parent_alive(parent):
+        time.sleep(every)
+    os._exit(1)
+
+
+def _parent_alive(parent: int) -> bool:
+    import os
+
+    return os.getppid() == parent  # an orphan is re-parented (to init or a subreaper)
 
 
 def _cell_in_worker(config: ExperimentConfig, progress: bool, bench, design: str, corpus: str) -> None:

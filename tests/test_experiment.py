@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,38 @@ def test_a_cell_that_fails_in_a_worker_fails_the_experiment(tmp_path, capsys):
     assert main(["experiment", "--config", str(cfg), "--quiet"]) != 0
     assert "memory_options.k must be >= 1" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+def test_a_worker_exits_when_the_experiment_is_killed(tmp_path):
+    """`kill PID` of an experiment must not leave its workers training: each watches its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = "import time, threading, os; from memlm.experiment import _exit_with_parent; threading.Thread(target=_exit_with_parent, args=(os.getppid(), 0.05), daemon=True).start(); time.sleep(60)"  # noqa: E501
+    parent = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); print(p.pid, flush=True); time.sleep(60)"  # noqa: E501
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+
+    def running(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return (
+            stat.rsplit(")", 1)[1].split()[0] != "Z"
+        )  # an exited orphan may wait as a zombie for its new parent to reap it
+
+    time.sleep(0.5)
+    assert running(worker)  # alive while its parent is
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while running(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive
