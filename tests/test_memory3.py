@@ -509,3 +509,29 @@ def test_teacher_forced_pick_and_query_noise(bios, bank_dir, tokenizer):
         assert (
             torch.equal(mixed.targets, clean.targets) and mixed.used == clean.used
         )  # same answer, same read
+
+
+def test_copy_rows_spell_a_read_reference_from_its_own_memory(bios, bank_dir, tokenizer):
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, m3_model(copy_rows=2), tokenizer, bank=bank)
+        reader.search = hashed_search(bank)
+        texts = docs(bios, 3)
+        plain = reader.train_batch(texts, train=False)
+        batch = reader.train_batch(texts, rng=random.Random(0))
+        assert batch.input_ids.shape[0] == len(texts) + 2 and plain.input_ids.shape[0] == len(texts)
+        mem, T = batch.memory.inputs, batch.input_ids.shape[1]
+        chunks = mem.slots.shape[1] // OPTIONS["k"]
+        read = [ref for row in range(len(texts)) for c in range(chunks) for ref in refs_read(mem, c, row)]
+        for row in (len(texts), len(texts) + 1):
+            (ref,) = refs_read(mem, 0, row)  # one memory, in the chunk every position is in
+            assert ref in read and (mem.chunk_of[row] == 0).all()
+            n = len(ref)
+            assert batch.input_ids[row, :n].tolist() == ref  # the row spells the reference it reads ...
+            assert (
+                batch.targets[row, : n - 1].tolist() == ref[1:]
+            )  # ... and every token after BOS is a target
+            assert batch.targets[row, n - 1] == tokenizer.eos_id and (batch.targets[row, n:] == -100).all()
+            assert batch.used[row] and batch.used[row][0] in {e for u in batch.used[: len(texts)] for e in u}
+        assert T == plain.input_ids.shape[1]
+        logits = reader.model(batch.input_ids, memory=batch.memory).logits
+        assert logits.shape[:2] == batch.input_ids.shape

@@ -70,6 +70,11 @@ class Memory3Options:
     # k whose object the document names from that chunk on, best first (then the best others). 0: plain top k.
     train_pick: int = 0
     query_noise: float = 0.0  # training: share of the query's tokens the model sees replaced by random ones
+    # Training: rows added to each batch that spell one of the batch's read references while reading its own
+    # memory. Every token after the first can only come from the memory, so the model learns to copy a
+    # multi-token value from memory key-values (without them, runs that never learn it answer the first token
+    # of a date or employer from memory and the rest from the weights). 0: none.
+    copy_rows: int = 0
     warmup_steps: int = 0  # training stage 1: steps without memory before continual training with it
     encode_grad: bool = True  # training: the loss trains how the model writes memories, not only how it reads
     storage: str = "fp16"  # stored memories: fp32 | fp16 | int8 (per-channel scale) | pq (FAISS PQ)
@@ -88,6 +93,8 @@ class Memory3Options:
         for name in ("k", "chunk", "keep", "max_tokens", "query_chars", "pq_m", "cache_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name} must be >= 1, got {getattr(self, name)}")
+        if self.copy_rows < 0:
+            raise ConfigError(f"{p}copy_rows must be >= 0, got {self.copy_rows}")
         if self.train_pick and self.train_pick < self.k:
             raise ConfigError(f"{p}train_pick must be 0 or >= k={self.k}, got {self.train_pick}")
         if self.warmup_steps < 0:
@@ -472,6 +479,9 @@ class Memory3Reader(RAGReader):
         n_chunks = max(len(d[2]) for d in docs)
         slots = torch.full((len(docs), n_chunks * o.k), -1, dtype=torch.long)
         refs: dict[tuple[int, ...], int] = {}
+        copied: dict[
+            tuple[int, ...], int
+        ] = {}  # reference -> the entry it was read as (copy rows' provenance)
         used, at = [], 0
         pick = o.train_pick if train else 0
         for b, (row, q_len, starts, _, rewrite) in enumerate(docs):
@@ -490,12 +500,22 @@ class Memory3Reader(RAGReader):
                     found = named + [f for f in found if f not in named]
                 for j, (e, ref) in enumerate(found[: o.k]):
                     slots[b, c * o.k + j] = refs.setdefault(ref, len(refs))
+                    copied.setdefault(ref, e.id)
                     read += [] if e.id in read else [e.id]
             at += len(starts)
             used.append(read)
         if o.query_noise > 0 and train and rng is not None:  # the question hidden, the memory is the answer
             for row, q_len, *_ in docs:
                 row[1:q_len] = [self._noise(t, rng) for t in row[1:q_len]]  # RAG's: never a special token
+        if o.copy_rows and train and rng is not None and refs:
+            # Copy rows: a read reference spelt out while reading its own memory (one chunk, loss on every
+            # token after BOS): docs gains rows, slots gains their memory.
+            read = [(ref, at) for ref, at in refs.items() if len(ref) > 1]
+            for ref, at in rng.sample(read, min(o.copy_rows, len(read))):
+                docs.append(([*ref, tok.eos_id], 1, [0], [], None))
+                slots = torch.cat([slots, torch.full((1, slots.shape[1]), -1, dtype=torch.long)])
+                slots[-1, 0] = at
+                used.append([copied[ref]])
         batch = self.collate(
             [d[0] for d in docs], [d[1] for d in docs], query_len=[d[1] for d in docs], used=used
         )
