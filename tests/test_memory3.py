@@ -441,7 +441,7 @@ def test_two_stage_run_resumes_across_the_switch(bios, bank_dir, tokenizer, tmp_
         return load_config(None, [
             "--model.vocab_size", "400", "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32",
             "--model.block_size", "224", "--model.memory", "memory3",
-            "--model.memory_options", json.dumps({**OPTIONS, "warmup_steps": 2, "swap_prob": 0.5, "storage": "int8"}),
+            "--model.memory_options", json.dumps({**OPTIONS, "warmup_steps": 2, "swap_prob": 0.5, "storage": "int8", "copy_rows": 2}),
             "--data.train", str(bios / "corpus/train.jsonl"), "--data.bank", str(bank_dir),
             "--data.tokenizer", str(tmp_path / "tok"), "--data.val_fraction", "0.1",
             "--train.batch_size", "4", "--train.max_steps", "4", "--train.warmup_steps", "1",
