@@ -479,9 +479,8 @@ class Memory3Reader(RAGReader):
         n_chunks = max(len(d[2]) for d in docs)
         slots = torch.full((len(docs), n_chunks * o.k), -1, dtype=torch.long)
         refs: dict[tuple[int, ...], int] = {}
-        copied: dict[
-            tuple[int, ...], int
-        ] = {}  # reference -> the entry it was read as (copy rows' provenance)
+        # reference -> the entry it was read as (the provenance of a copy row)
+        copied: dict[tuple[int, ...], int] = {}
         used, at = [], 0
         pick = o.train_pick if train else 0
         for b, (row, q_len, starts, _, rewrite) in enumerate(docs):
@@ -510,12 +509,14 @@ class Memory3Reader(RAGReader):
         if o.copy_rows and train and rng is not None and refs:
             # Copy rows: a read reference spelt out while reading its own memory (one chunk, loss on every
             # token after BOS): docs gains rows, slots gains their memory.
-            read = [(ref, at) for ref, at in refs.items() if len(ref) > 1]
-            for ref, at in rng.sample(read, min(o.copy_rows, len(read))):
+            readable = [(ref, slot) for ref, slot in refs.items() if len(ref) > 1]
+            chosen = rng.sample(readable, min(o.copy_rows, len(readable)))
+            extra = torch.full((len(chosen), slots.shape[1]), -1, dtype=torch.long)
+            for i, (ref, slot) in enumerate(chosen):
                 docs.append(([*ref, tok.eos_id], 1, [0], [], None))
-                slots = torch.cat([slots, torch.full((1, slots.shape[1]), -1, dtype=torch.long)])
-                slots[-1, 0] = at
+                extra[i, 0] = slot
                 used.append([copied[ref]])
+            slots = torch.cat([slots, extra])
         batch = self.collate(
             [d[0] for d in docs], [d[1] for d in docs], query_len=[d[1] for d in docs], used=used
         )
