@@ -22,6 +22,7 @@ questions with the bank padded by distractors: EM and retrieval latency).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -364,7 +365,6 @@ _SLOT = 0  # this worker process's number (0: the one that shows progress bars)
 
 
 def _init_worker(slots) -> None:
-    import os
     import threading
 
     import torch
@@ -379,17 +379,9 @@ def _init_worker(slots) -> None:
 
 
 def _exit_with_parent(parent: int, every: float = 5.0) -> None:
-    import os
-
-    while _parent_alive(parent):
+    while os.getppid() == parent:  # an orphan is re-parented (to init or a subreaper)
         time.sleep(every)
     os._exit(1)
-
-
-def _parent_alive(parent: int) -> bool:
-    import os
-
-    return os.getppid() == parent  # an orphan is re-parented (to init or a subreaper)
 
 
 def _cell_in_worker(config: ExperimentConfig, progress: bool, bench, design: str, corpus: str) -> None:
