@@ -45,15 +45,24 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    import torch
-
-    from memlm.eval.qa import bank_entry_ids, load_qa
     from memlm.generate import Generator
 
-    torch.set_grad_enabled(False)
-    gen = Generator.from_pretrained(args.model)
-    if gen.model.config.memory != "memory3":
-        raise SystemExit(f"{args.model} is a {gen.model.config.memory!r} model; this benchmark reads Memory³")
+    with Generator.from_pretrained(args.model) as gen:
+        if gen.model.config.memory != "memory3":
+            raise SystemExit(
+                f"{args.model} is a {gen.model.config.memory!r} model; this benchmark reads Memory³"
+            )
+        out = copy_nll(gen, args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def copy_nll(gen, args) -> dict:
+    """Per relation: mean NLL of the answer's first token and of the rest, reading its own fact or another's."""
+    from memlm.eval.qa import bank_entry_ids, load_qa
+
     records = load_qa(args.data, args.split)
     entry_of = bank_entry_ids(gen, records)
     rng = random.Random(args.seed)
@@ -82,10 +91,7 @@ def main() -> None:
             ),
             flush=True,
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    return out
 
 
 if __name__ == "__main__":
