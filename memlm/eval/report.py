@@ -2,8 +2,8 @@
 
 Tables per benchmark: the main comparison (EM seen / unseen, hit rate, EM given hit / miss, edits, deletion
 leak (all, and unseen entities' alone), held-out perplexity, decode speed with ratios to dense and RAG), the
-low-data sweep with each design's ratio to dense, the bank-size sweep. Plots: accuracy vs training-data share; accuracy vs decode speed; accuracy
-and latency vs bank size.
+low-data sweep with each design's ratio to dense, the bank-size sweep. Plots: accuracy vs training-data share;
+accuracy vs decode speed; accuracy and latency vs bank size.
 """
 
 from __future__ import annotations
