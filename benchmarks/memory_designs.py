@@ -45,19 +45,31 @@ def shipped(design: str) -> tuple[dict, list[int] | None]:
     return dict(model.memory_options), model.memory_layers
 
 
-def prepare(work: Path, people: int) -> tuple[Path, Path, Path]:
-    """bios data, a bank of its facts, and a tokenizer, built once under ``work``."""
+def prepare(work: Path, people: int, references: str = "facts") -> tuple[Path, Path, Path]:
+    """bios data, a bank, and a tokenizer, built once under ``work``. ``references``: facts (one short
+    sentence per entry, ~12 tokens) | passages (the biographies in ~128-token chunks: the length of the
+    Memory³ paper's references, where a design that keeps a few key-values per reference reads far less
+    than RAG's text)."""
     from memlm.bank.store import MemoryBank
     from memlm.data.bios import BiosConfig, generate_bios
+    from memlm.data.ingest import chunk_text
     from memlm.data.text import iter_corpus
     from memlm.tokenizer import Tokenizer
 
-    data, bank, tok = work / f"bios{people}", work / f"bank{people}", work / f"tok{people}"
+    suffix = "" if references == "facts" else f"-{references}"
+    data, bank, tok = work / f"bios{people}", work / f"bank{people}{suffix}", work / f"tok{people}"
     if not (data / "meta.json").is_file():
         generate_bios(data, BiosConfig(people=people, seed=0))
     if not bank.exists():
         with MemoryBank.create(bank) as b:
-            b.import_jsonl(data / "facts.jsonl")
+            if references == "facts":
+                b.import_jsonl(data / "facts.jsonl")
+            else:  # the biographies cut as `memlm data ingest` cuts text (the question-answer lines left out)
+                bios = "\n".join(
+                    d for d in iter_corpus([data / "corpus/train.jsonl"]) if not d.startswith("Q:")
+                )
+                chunks = chunk_text(bios, chunk_size=590, overlap=0)  # <= ~128 tokens of this tokenizer
+                b.add_many({"text": c.text, "source": "bios"} for c in chunks)
     if not (tok / "tokenizer.json").is_file():
         Tokenizer.train(iter_corpus([data / "corpus/train.jsonl"]), vocab_size=2048).save(tok)
     return data, bank, tok
@@ -79,7 +91,7 @@ def run_design(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
-    data, bank_dir, tok_dir = prepare(work, args.people)
+    data, bank_dir, tok_dir = prepare(work, args.people, args.references)
     tok = Tokenizer.load(tok_dir)
     cfg = ModelConfig(
         vocab_size=2048, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
@@ -276,6 +288,8 @@ def main() -> None:
     p.add_argument("--designs", default="", help="comma-separated (default: every registered design)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--people", type=int, default=500, help="bios people: the bank holds 6 facts each")
+    p.add_argument("--references", choices=("facts", "passages"), default="facts",
+                   help="bank entries: facts (short sentences) | passages (~128-token chunks of the biographies)")  # fmt: skip
     p.add_argument("--work", default=".bench_cache", help="where data, bank and tokenizer are cached")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
@@ -309,7 +323,7 @@ def main() -> None:
 
     designs = [d for d in (args.designs.split(",") if args.designs else list_memory_designs()) if d]
     designs = ["none"] + [d for d in designs if d != "none"]
-    prepare(Path(args.work), args.people)
+    prepare(Path(args.work), args.people, args.references)
     keys = ("decode_batch1_tok_s", "decode_batch16_tok_s", "train_step_s", "peak_rss_mib")
     best: dict[str, dict] = {}
     # Designs in turn, round after round: on a shared machine load that comes and goes hits every design alike,
