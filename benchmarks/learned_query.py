@@ -4,7 +4,8 @@ For each question of a QA split, the memory layer's query at the prompt's last p
 key in the bank (exact search, the current encoder's keys) and the gold entry's rank is recorded; for ExplicitLM
 also whether the product-key stage's candidates hold it. A wrong top-1 is split by what it names: another
 person, or the same person's other fact; another person by the words of the name it shares with the gold's
-(first word, last word, any other word, none: a query that holds the whole name confuses near names)::
+(first word, last word, any other word, none: a query that holds the whole name confuses near names), the same
+person's other fact by which relation it found instead of the question's::
 
     python benchmarks/learned_query.py --model RUN/final --data /work/exp/bios2k --split unseen --limit 300 \\
         --bank BANK_COPY --json benchmarks/results/explicitlm/tf_2k_s/learned_query.json
@@ -17,17 +18,16 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from memlm.model.checkpoint import load_pretrained
 from memlm.model.memory.binding import load_reader
 
 
 def _layer(model):
-    """The first memory layer's module and its query projection (ExplicitLM: ``cross``, PlugLM: ``memory``)."""
+    """The first memory layer's module (ExplicitLM: ``cross``, PlugLM: ``memory``): it makes the query."""
     for block in model.blocks:
         for module in (block.cross, block.memory):
-            if module is not None and hasattr(module, "query"):
+            if module is not None and hasattr(module, "retrieval_query"):
                 return module
     raise SystemExit(f"{model.config.memory!r} has no learned query (explicitlm and pluglm do)")
 
@@ -50,17 +50,18 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
     design = model.config.memory
     layer = _layer(model)
     seen: dict[str, torch.Tensor] = {}
-    layer.query.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0]))
     questions = [json.loads(x) for x in (data / f"qa/{split}.jsonl").read_text().splitlines()][:limit]
     facts = [json.loads(x) for x in (data / "facts.jsonl").read_text().splitlines()]
     n = top1 = top5 = coarse = other_person = 0
+    relations: dict[str, int] = {}  # same-person errors: "gold relation -> relation found"
     shares = {"first": 0, "last": 0, "middle": 0, "none": 0}  # other-person errors by the name words shared
     chance = dict.fromkeys(shares, 0.0)  # the same split if the wrong person were drawn at random
     people = sorted({f["subject"] for f in facts})
     for q in questions:
         batch = reader.prompts([q["prompt"]])
         model(torch.tensor([batch.token_ids[0]]), memory=batch.memory)
-        query = F.normalize(seen["q"].reshape(-1, seen["q"].shape[-1])[-1:].float(), dim=-1)
+        query = layer.retrieval_query(seen["h"].reshape(-1, seen["h"].shape[-1])[-1:]).float()
         if design == "explicitlm":
             table = reader.table
             keys, alive, bank_ids = table.encode_keys(model.memory, model.wte), table.alive, table.ids
@@ -81,13 +82,17 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
                 for other in people:
                     if other != q["subject"]:
                         chance[_shared(q["subject"], other)] += 1 / (len(people) - 1)
+            else:
+                pair = f"{q['relation']} -> {best['relation']}"
+                relations[pair] = relations.get(pair, 0) + 1
         if design == "explicitlm":
             _, cand = table.search.search(query, layer.o.fine_k)
             coarse += bool((cand == gold[0]).any())
     out = {"model": model_dir, "data": str(data), "split": split, "n": n, "exact_top1": top1 / n,
            "exact_top5": top5 / n, "wrong_top1_other_person": other_person / max(n - top1, 1),
            "other_person_shares": {k: v / max(other_person, 1) for k, v in shares.items()},
-           "other_person_shares_by_chance": {k: v / max(other_person, 1) for k, v in chance.items()}}  # fmt: skip
+           "other_person_shares_by_chance": {k: v / max(other_person, 1) for k, v in chance.items()},
+           "same_person_other_relation": dict(sorted(relations.items(), key=lambda kv: -kv[1]))}  # fmt: skip
     if design == "explicitlm":
         out["gold_among_coarse_candidates"] = coarse / n
     return out

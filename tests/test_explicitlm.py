@@ -288,6 +288,41 @@ def test_keys_spell_the_subject_as_a_question_does(bios, bank, tokenizer):
     )
 
 
+def test_parts_keys_have_one_half_per_subject_and_one_per_relation(bios, bank, tokenizer):
+    """key: parts — the product keys' halves are the subject's and the relation's: a person's entries share
+    the first half, a relation's entries the second; both halves learn from the retrieval loss."""
+    texts = [bank.add("An entry without a triple."), bank.add("Another note, about the weather.")]
+    m = model(key="parts", similarity_weight=0.0, diversity_weight=0.0).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    keys = reader.table.encode_keys(m.memory, m.wte)
+    assert_halves(bank, keys, reader._row_of, texts, half=8)
+    batch = reader.train_batch(docs(bios), rng=random.Random(0))
+    m(batch.input_ids, targets=batch.targets, memory=batch.memory).retrieval.aux_losses[
+        "explicitlm.1.retrieval"
+    ].backward()
+    enc = m.memory
+    for p in (layer(m).query.weight, enc.key_out.weight, enc.relation_out.weight, enc.relation_gate):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def assert_halves(bank, keys, row_of, texts, *, half: int) -> None:
+    """Unit keys whose first half is shared by a subject's entries and second half by a relation's, each half
+    telling the others apart; entries ``texts`` (no triple) get both halves from their own text."""
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(len(keys)))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for e in bank.iter_entries():
+        if e.subject:
+            groups.setdefault(("subject", e.subject), []).append(row_of[e.id])
+            groups.setdefault(("relation", e.relation), []).append(row_of[e.id])
+    for (kind, _), rows in groups.items():
+        own, other = (slice(0, half), slice(half, None))[:: 1 if kind == "subject" else -1]
+        k = keys[rows]
+        torch.testing.assert_close(k[:, own], k[:1, own].expand_as(k[:, own]))  # the shared half
+        assert (k[1:, other] - k[:1, other]).abs().amax(-1).min() > 1e-4  # the other half tells them apart
+    a, b = keys[[row_of[i] for i in texts]]
+    assert (a[:half] - b[:half]).abs().max() > 1e-4 and (a[half:] - b[half:]).abs().max() > 1e-4
+
+
 def assert_keys_spell_subjects(bios, tokenizer, bank, key_tokens) -> None:
     """For a few questions: the subject's tokens (as the question has them) occur in its entry's key tokens."""
 

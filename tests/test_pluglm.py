@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -33,9 +34,9 @@ def plug_model(**options) -> GPT:
     return GPT(cfg)
 
 
-@pytest.mark.parametrize("value", ["vector", "tokens"])
-def test_shapes_backward_and_gold_labels(bios, bank_dir, tokenizer, value):
-    model = plug_model(value=value).train()
+@pytest.mark.parametrize(("value", "key"), [("vector", "about"), ("tokens", "about"), ("tokens", "parts")])
+def test_shapes_backward_and_gold_labels(bios, bank_dir, tokenizer, value, key):
+    model = plug_model(value=value, key=key).train()
     with MemoryBank.open(bank_dir) as bank:
         reader = load_reader(None, model, tokenizer, bank=bank)
         batch = reader.train_batch(docs(bios)[:6])  # no rng: no swaps, objects as in the bank
@@ -71,6 +72,29 @@ def test_shapes_backward_and_gold_labels(bios, bank_dir, tokenizer, value):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     pooled = "memory.value_proj.1.weight" if value == "vector" else "memory.prev.weight"
     assert grads[pooled].abs().sum() > 0
+    if key == "parts":  # the relation's half of query and key learns too
+        for name in (
+            f"{layer}relation_query.weight",
+            "memory.relation_proj.1.weight",
+            "memory.relation_pool.score.weight",
+        ):
+            assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_parts_keys_have_one_half_per_subject_and_one_per_relation(bios, bank_dir, tokenizer, tmp_path):
+    """key: parts — a person's entries share the subject half exactly, a relation's entries the relation half;
+    a text entry (no triple) pools its text into both; every key is a unit vector."""
+    from test_explicitlm import assert_halves
+
+    model = plug_model(key="parts").eval()
+    shutil.copytree(bank_dir, tmp_path / "bank")  # entries are added: a private copy
+    with MemoryBank.open(tmp_path / "bank") as bank:
+        texts = [bank.add("An entry without a triple."), bank.add("Another note, about the weather.")]
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        reader.prompts(["Q: x"])
+        table = reader.table
+        row = {int(i): r for r, i in enumerate(table.ids.tolist())}
+        assert_halves(bank, table.keys, row, texts, half=8)  # key_dim 16
 
 
 def test_inference_reads_read_top_n_while_training_reads_top_n(bios, bank_dir, tokenizer):

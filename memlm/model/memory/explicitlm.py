@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
+from memlm.model.memory.parts import join_halves, part_tokens
 from memlm.model.memory.pk_search import ProductKeySearch
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 from memlm.model.memory.registry import register_memory_design
@@ -51,6 +52,8 @@ from memlm.model.memory.registry import register_memory_design
 @dataclass
 class ExplicitLMOptions:
     key: str = "about"  # what keys are made from: about (subject + relation) | text (bank.vectors.KEYS)
+    # | parts: subject and relation encoded apart, one half of the key each — the product keys' two halves,
+    # so a cell is (people like this one) x (relations like this one)
     key_dim: int = 128  # query/key size, split in halves for the product keys
     key_tokens: int = 16  # the key text is cut to this many tokens
     text_tokens: int = 32  # an entry's text (what is read) is cut to this many tokens (the paper: 16)
@@ -84,8 +87,10 @@ class ExplicitLMOptions:
             raise ConfigError(
                 f"model.memory_options.retrieval_negatives must be 'batch' or 'all', got {self.retrieval_negatives!r}"
             )
-        if self.key not in KEYS:
-            raise ConfigError(f"model.memory_options.key must be one of {sorted(KEYS)}, got {self.key!r}")
+        if self.key not in (*KEYS, "parts"):
+            raise ConfigError(
+                f"model.memory_options.key must be one of {[*sorted(KEYS), 'parts']}, got {self.key!r}"
+            )
         if self.key_dim < 2 or self.key_dim % 2:
             raise ConfigError(f"model.memory_options.key_dim must be even and >= 2, got {self.key_dim}")
         for name in ("key_tokens", "text_tokens", "read_k", "fine_k", "topk_half", "n_cells", "cell_size",
@@ -152,11 +157,18 @@ class EntryEncoder(nn.Module):
         self.key_gate = nn.Parameter(torch.ones(o.key_tokens, C))
         self.key_norm = nn.RMSNorm(C)
         self.key_mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.SiLU(), nn.Linear(2 * C, C))
-        self.key_out = nn.Linear(C, o.key_dim, bias=False)
+        self.key_dim, parts = o.key_dim, o.key == "parts"
+        self.key_out = nn.Linear(C, o.key_dim // 2 if parts else o.key_dim, bias=False)
+        if parts:  # the relation's own encoder, for the key's second half (memlm/model/memory/parts.py)
+            self.relation_gate = nn.Parameter(torch.ones(o.key_tokens, C))
+            self.relation_norm = nn.RMSNorm(C)
+            self.relation_mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.SiLU(), nn.Linear(2 * C, C))
+            self.relation_out = nn.Linear(C, o.key_dim // 2, bias=False)
         self.text_pos = nn.Parameter(torch.randn(o.text_tokens, C) * 0.02)
         self.prev = nn.Linear(C, C, bias=False)
         self.text_norm = nn.RMSNorm(C)
         self.text_mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.SiLU(), nn.Linear(2 * C, C))
+        relation = (self.relation_mlp[0], self.relation_mlp[2], self.relation_out) if parts else ()
         for lin in (
             self.key_mlp[0],
             self.key_mlp[2],
@@ -164,6 +176,7 @@ class EntryEncoder(nn.Module):
             self.prev,
             self.text_mlp[0],
             self.text_mlp[2],
+            *relation,
         ):
             nn.init.normal_(lin.weight, std=0.02)
             if lin.bias is not None:
@@ -177,13 +190,31 @@ class EntryEncoder(nn.Module):
         # saved with the weights, so a resumed run refreshes at the same steps.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def keys(self, tokens: Tensor, embed: nn.Embedding, pad_id: int) -> Tensor:
-        """(U, Lk) key-text token ids -> (U, key_dim) unit keys."""
-        e = embed(tokens) * self.key_gate[: tokens.shape[1]]  # (U, Lk, C)
+    def keys(self, tokens: Tensor, embed: nn.Embedding, pad_id: int, split: Tensor | None = None) -> Tensor:
+        """(U, Lk) key-text token ids -> (U, key_dim) unit keys.
+
+        ``split`` (U,) (``key: parts``): the first ``split`` tokens are the subject, the rest the relation,
+        each encoded on its own from its own first position; the key is both unit halves over sqrt(2) (an
+        entry without a relation, split == its length, encodes its whole text into both)."""
+        if split is None:
+            return F.normalize(self.key_out(self._pooled(tokens, embed, pad_id, "key")), dim=-1)
+        L = tokens.shape[1]
+        pos = torch.arange(L, device=tokens.device)[None]
+        length = (tokens != pad_id).sum(1, keepdim=True)
+        whole = split[:, None] >= length  # no relation: both halves read the whole text
+        subject = tokens.masked_fill((pos >= split[:, None]) & ~whole, pad_id)
+        at = pos + torch.where(whole, 0, split[:, None])  # the relation's tokens moved to the front
+        relation = tokens.gather(1, at.clamp(max=L - 1)).masked_fill(at >= L, pad_id)
+        s = self.key_out(self._pooled(subject, embed, pad_id, "key"))
+        r = self.relation_out(self._pooled(relation, embed, pad_id, "relation"))
+        return join_halves(s, r)
+
+    def _pooled(self, tokens: Tensor, embed: nn.Embedding, pad_id: int, part: str) -> Tensor:
+        """A position-gated sum of the tokens' embeddings (order-aware), then a residual MLP: (U, C)."""
+        e = embed(tokens) * getattr(self, f"{part}_gate")[: tokens.shape[1]]  # (U, Lk, C)
         mask = (tokens != pad_id).unsqueeze(-1)
         h = (e * mask).sum(1) / mask.sum(1).clamp(min=1).sqrt()  # (U, C)
-        h = h + self.key_mlp(self.key_norm(h))
-        return F.normalize(self.key_out(h), dim=-1)
+        return h + getattr(self, f"{part}_mlp")(getattr(self, f"{part}_norm")(h))
 
     def states(self, tokens: Tensor, embed: nn.Embedding) -> Tensor:
         """(U, L) entry-text token ids -> (U, L, C) token states."""
@@ -205,6 +236,8 @@ class EntryTable:
         self.M, self.pad_id = n_implicit, pad_id
         self.ids = torch.full((n_implicit,), -1, dtype=torch.long) - 1 - torch.arange(n_implicit)  # -2 - slot
         self.key_tokens = torch.full((n_implicit, o.key_tokens), pad_id, dtype=torch.long)
+        # key: parts — per row, the subject's tokens at the start of key_tokens; None: one key text
+        self.key_split = torch.zeros(n_implicit, dtype=torch.long) if o.key == "parts" else None
         self.text_tokens = torch.full((n_implicit, o.text_tokens), pad_id, dtype=torch.long)
         self.alive = torch.ones(n_implicit, dtype=torch.bool)
         self.search = ProductKeySearch(
@@ -223,15 +256,17 @@ class EntryTable:
     def to(self, device: torch.device | str) -> EntryTable:
         device = torch.device(device)
         if device != self.device:
-            for name in ("ids", "key_tokens", "text_tokens", "alive"):
-                setattr(self, name, getattr(self, name).to(device))
+            for name in ("ids", "key_tokens", "text_tokens", "alive", "key_split"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name).to(device))
             self.search.to(device)
             self.device = device
         return self
 
     def set_rows(
-        self, rows: Tensor, ids: Tensor, key_tokens: Tensor, text_tokens: Tensor, alive: Tensor
-    ) -> None:
+        self, rows: Tensor, ids: Tensor, key_tokens: Tensor, text_tokens: Tensor, alive: Tensor,
+        key_split: Tensor | None = None,
+    ) -> None:  # fmt: skip
         """Write explicit rows (rows past the end extend the table); a dead row keeps no tokens."""
         end = int(rows.max()) + 1 if len(rows) else 0
         if end > len(self):
@@ -244,27 +279,32 @@ class EntryTable:
                 [self.text_tokens, self.text_tokens.new_full((grow, self.text_tokens.shape[1]), self.pad_id)]
             )
             self.alive = torch.cat([self.alive, self.alive.new_zeros(grow)])
+            if self.key_split is not None:
+                self.key_split = torch.cat([self.key_split, self.key_split.new_zeros(grow)])
         rows, alive = rows.to(self.device), alive.to(self.device)
         self.ids[rows] = ids.to(self.device).masked_fill(~alive, -1)
         self.key_tokens[rows] = key_tokens.to(self.device).masked_fill(~alive[:, None], self.pad_id)
         self.text_tokens[rows] = text_tokens.to(self.device).masked_fill(~alive[:, None], self.pad_id)
         self.alive[rows] = alive
+        if self.key_split is not None:
+            self.key_split[rows] = key_split.to(self.device).masked_fill(~alive, 0)
 
     @torch.no_grad()
     def encode_keys(self, encoder: EntryEncoder, embed: nn.Embedding, rows: Tensor | None = None) -> Tensor:
         """Current keys of ``rows`` (default: all), in chunks (a maintenance pass, not the forward)."""
         rows = torch.arange(len(self), device=self.device) if rows is None else rows.to(self.device)
         out = [fresh_keys(encoder, embed, self, rows[i : i + 8192]) for i in range(0, len(rows), 8192)]
-        return torch.cat(out) if out else torch.zeros(0, encoder.key_out.out_features, device=self.device)
+        return torch.cat(out) if out else torch.zeros(0, encoder.key_dim, device=self.device)
 
 
 def fresh_keys(encoder: EntryEncoder, embed: nn.Embedding, table: EntryTable, rows: Tensor) -> Tensor:
     """(U,) table rows -> (U, key_dim) keys with gradient: slots' learned keys, entries' encoded key texts."""
+    split = (lambda r: None) if table.key_split is None else (lambda r: table.key_split[r])  # noqa: E731
     if not table.M:
-        return encoder.keys(table.key_tokens[rows], embed, table.pad_id)
+        return encoder.keys(table.key_tokens[rows], embed, table.pad_id, split(rows))
     slot = rows < table.M
-    keys = torch.zeros(len(rows), encoder.key_out.out_features, device=rows.device)
-    keys[~slot] = encoder.keys(table.key_tokens[rows[~slot]], embed, table.pad_id)
+    keys = torch.zeros(len(rows), encoder.key_dim, device=rows.device)
+    keys[~slot] = encoder.keys(table.key_tokens[rows[~slot]], embed, table.pad_id, split(rows[~slot]))
     keys[slot] = F.normalize(encoder.implicit.keys[rows[slot]], dim=-1)
     return keys
 
@@ -345,7 +385,7 @@ class ExplicitLMLayer(nn.Module):
             return out.view(B, T, C)
 
         x = h.flatten(0, 1)[pos]  # (n, C)
-        q = F.normalize(self.query(x).float(), dim=-1)  # (n, key_dim)
+        q = self.retrieval_query(x)  # (n, key_dim)
         _, cand = table.search.search(q.detach(), o.fine_k)  # coarse: cells + cached keys, (n, m)
         gold = inputs.gold.flatten()[pos] if self.training and inputs.gold is not None else None
         extra = gold[gold >= 0] if gold is not None and o.retrieval_weight > 0 else cand.new_zeros(0)
@@ -383,6 +423,12 @@ class ExplicitLMLayer(nn.Module):
             self._aux_losses(memory, q, scores, cand, pick, cand_keys, gold, uniq, keys, table)
         out[pos] = self._read(x, rows, weight, inputs, pos // T).to(out.dtype)
         return out.view(B, T, C)
+
+    def retrieval_query(self, x: Tensor) -> Tensor:
+        """Unit queries (..., key_dim), float32, from hidden states (..., C); ``key: parts``: two unit halves,
+        as the keys."""
+        q = self.query(x).float()
+        return join_halves(*q.chunk(2, dim=-1)) if self.o.key == "parts" else F.normalize(q, dim=-1)
 
     def _read(
         self, x: Tensor, rows: Tensor, weight: Tensor, inputs: ExplicitInputs, batch_row: Tensor
@@ -540,7 +586,8 @@ class ExplicitLMReader(MemoryReader):
         self._facts: dict[int, _Fact] = {}  # row -> triple, for gold labels and swaps
         self._by_subject: dict[str, list[int]] = {}  # subject -> rows
         self._max_words = 1
-        self._tokens: dict[str, tuple[list[int], list[int]]] = {}  # content hash -> (key, text) token ids
+        # content hash -> (key, text) token ids, and the subject's tokens at the key's start (key: parts)
+        self._tokens: dict[str, tuple[list[int], list[int], int]] = {}
         self._pools: dict[str, list[str]] | None = None
         self.bank_version = -1
         self._load(None)
@@ -551,7 +598,7 @@ class ExplicitLMReader(MemoryReader):
         from memlm.bank.vectors import KEYS
 
         version = self.bank.version
-        key_sql = KEYS[self.options.key]
+        key_sql = KEYS["about" if self.options.key == "parts" else self.options.key]
         sql = (
             f"SELECT e.id, e.text, {key_sql}, e.content_hash, e.subject, e.relation, e.object FROM entries e"
         )
@@ -579,7 +626,10 @@ class ExplicitLMReader(MemoryReader):
             keys = tok.encode_batch([as_in_a_sentence(r[2]) for r in todo])
             texts = tok.encode_batch([r[1] for r in todo])
             for r, k, t in zip(todo, keys, texts):
-                self._tokens[r[3]] = (k[: o.key_tokens], t[: o.text_tokens])
+                split = len(k[: o.key_tokens])  # key: about / text, or an entry with no triple
+                if o.key == "parts" and r[4] is not None and r[5] is not None:
+                    k, split = part_tokens(tok, r[4], r[5], o.key_tokens)
+                self._tokens[r[3]] = (k[: o.key_tokens], t[: o.text_tokens], split)
         rows, bank_ids, alive = [], [], []
         for r in found:
             if r[0] not in self._row_of:
@@ -599,9 +649,11 @@ class ExplicitLMReader(MemoryReader):
             pad = self.tokenizer.pad_id
             kt = [self._tokens[r[3]][0] for r in found] + [[] for _ in gone]
             tt = [self._tokens[r[3]][1] for r in found] + [[] for _ in gone]
+            split = torch.tensor([self._tokens[r[3]][2] for r in found] + [0 for _ in gone])
             self.table.set_rows(
                 torch.tensor(rows), torch.tensor(bank_ids),
                 _pad(kt, self.options.key_tokens, pad), _pad(tt, self.options.text_tokens, pad), torch.tensor(alive),
+                split,
             )  # fmt: skip
             if ids is not None:  # token ids of content no entry has any more (edited, deleted) are dropped
                 keep = {f.content_hash for f in self._facts.values()}

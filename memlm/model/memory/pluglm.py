@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
+from memlm.model.memory.parts import join_halves, key_halves
 from memlm.model.memory.registry import register_memory_design
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class PlugLMOptions:
     top_n: int = 5  # paper: top-5 entries per position
     read_top_n: int | None = None  # inference reads this many (None: top_n); training always reads top_n
     key: str = "about"  # what a key encodes: about (subject + relation of a triple) | text (the whole entry)
+    # | parts: subject and relation pooled apart, each half of the key (and of the query): a person's six
+    # keys then differ by a whole half, not by the one or two relation tokens inside one pooled vector
     value: str = "vector"  # vector: one pooled vector per entry (paper) | tokens: one value per entry token
     encoder: str = "shared"  # shared: the LM's own token embeddings (paper) | own: a separate embedding table
     index: str = "auto"  # exact (torch matmul) | faiss (IndexFlatIP) | auto: faiss from 50,000 entries on
@@ -63,7 +66,7 @@ class PlugLMOptions:
     entry_tokens: int = 32  # an entry's text (or about-text) is cut to this many tokens
 
     def __post_init__(self) -> None:
-        choices = {"key": ("about", "text"), "value": ("vector", "tokens"), "encoder": ("shared", "own"),
+        choices = {"key": ("about", "text", "parts"), "value": ("vector", "tokens"), "encoder": ("shared", "own"),
                    "index": ("auto", "exact", "faiss"), "retrieval_negatives": ("retrieved", "all")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -123,14 +126,22 @@ class KnowledgeEncoder(nn.Module):
     (never a second registration: safetensors refuses tensors saved under two names)."""
 
     def __init__(
-        self, *, vocab_size: int, n_embd: int, key_dim: int, own_embedding: bool, max_len: int
-    ) -> None:
+        self, *, vocab_size: int, n_embd: int, key_dim: int, own_embedding: bool, max_len: int,
+        parts: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(vocab_size, n_embd) if own_embedding else None
         # LayerNorms put pooled embeddings (std ~0.02) at unit scale: unit keys then have a well-conditioned
         # gradient (normalising a tiny vector multiplies its gradient by 1 / its norm).
         self.key_pool = AttentivePool(n_embd)
-        self.key_proj = nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, key_dim))
+        self.key_proj = nn.Sequential(
+            nn.LayerNorm(n_embd), nn.Linear(n_embd, key_halves(key_dim)[0] if parts else key_dim)
+        )
+        if parts:  # key: parts — the relation's own pool and half (memlm/model/memory/parts.py)
+            self.relation_pool = AttentivePool(n_embd)
+            self.relation_proj = nn.Sequential(
+                nn.LayerNorm(n_embd), nn.Linear(n_embd, key_halves(key_dim)[1])
+            )
         self.value_pool = AttentivePool(n_embd)
         self.value_proj = nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, n_embd))
         self.value_pos = nn.Embedding(max_len, n_embd)  # order inside an entry (tokens values)
@@ -148,10 +159,21 @@ class KnowledgeEncoder(nn.Module):
         table = self.embed if self.embed is not None else self._shared[0]
         return table(tokens)
 
-    def keys(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """tokens (N, L), lengths (N,) -> unit keys (N, key_dim)."""
-        mask = _mask(tokens, lengths)
-        return F.normalize(self.key_proj(self.key_pool(self.embedding(tokens), mask)), dim=-1)
+    def keys(self, tokens: Tensor, lengths: Tensor, split: Tensor | None = None) -> Tensor:
+        """tokens (N, L), lengths (N,) -> unit keys (N, key_dim).
+
+        ``split`` (N,) (``key: parts``): the first ``split`` tokens are the subject, the rest the relation; each
+        is pooled and normalised on its own, and the key is both halves over sqrt(2). An entry without a
+        relation (a text entry: split == length) pools its whole text into both halves."""
+        mask, x = _mask(tokens, lengths), self.embedding(tokens)
+        if split is None:
+            return F.normalize(self.key_proj(self.key_pool(x, mask)), dim=-1)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        subject = mask & ((pos < split[:, None]) | (split == lengths)[:, None])
+        relation = mask & ((pos >= split[:, None]) | (split == lengths)[:, None])
+        return join_halves(
+            self.key_proj(self.key_pool(x, subject)), self.relation_proj(self.relation_pool(x, relation))
+        )
 
     def values(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """tokens (N, L) -> one value per entry (N, C) (the paper's pooled value)."""
@@ -181,14 +203,16 @@ class KnowledgeAttention(nn.Module):
     def __init__(
         self, *, n_embd: int, n_head: int, key_dim: int, top_n: int, value: str, beta_init: float,
         temperature: float, aux_weight: float, encoder: KnowledgeEncoder, teacher_forcing: float = 0.0,
-        retrieval_negatives: str = "retrieved", read_top_n: int | None = None,
+        retrieval_negatives: str = "retrieved", read_top_n: int | None = None, parts: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.n_head, self.top_n, self.value, self.teacher_forcing = n_head, top_n, value, teacher_forcing
         self.read_top_n = read_top_n
         self.retrieval_negatives = retrieval_negatives
         self.temperature, self.aux_weight = temperature, aux_weight
-        self.query = nn.Linear(n_embd, key_dim)  # the retrieval query, from the position's own hidden state
+        # The retrieval query, from the position's own hidden state (key: parts — one head per half).
+        self.query = nn.Linear(n_embd, key_halves(key_dim)[0] if parts else key_dim)
+        self.relation_query = nn.Linear(n_embd, key_halves(key_dim)[1]) if parts else None
         self.wq = nn.Linear(n_embd, n_embd, bias=False)
         self.wk = nn.Linear(n_embd, n_embd, bias=False)
         self.wv = nn.Linear(n_embd, n_embd, bias=False)
@@ -212,7 +236,7 @@ class KnowledgeAttention(nn.Module):
         # (docs/results_pluglm.md: top 5 -> 1 at inference, EM 0.308 -> 0.407 on people plugged in later).
         n = self.top_n if self.training or self.read_top_n is None else self.read_top_n
         N = min(n, len(table))
-        q = F.normalize(self.query(h), dim=-1)  # (B, T, dk): from position t's hidden state only
+        q = self.retrieval_query(h)  # (B, T, dk): from position t's hidden state only
         rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
             # Teacher forcing: where the search missed the gold entry, it takes the last slot, so reading is
@@ -231,7 +255,8 @@ class KnowledgeAttention(nn.Module):
         wanted = rows.reshape(-1) if gold is None else torch.cat([rows.reshape(-1), gold[gold >= 0]])
         uniq, inv = torch.unique(wanted, return_inverse=True)
         if self.training:  # re-encoded with gradient (the paper); inference reads the table's fresh keys
-            keys = self.encoder.keys(table.key_tokens[uniq], table.key_len[uniq])  # (U, dk)
+            split = None if table.key_split is None else table.key_split[uniq]
+            keys = self.encoder.keys(table.key_tokens[uniq], table.key_len[uniq], split)  # (U, dk)
         else:
             keys = table.keys[uniq]
         slot = inv[: B * T * N].view(B, T, N)  # value slot of each retrieved entry
@@ -287,6 +312,12 @@ class KnowledgeAttention(nn.Module):
                 "pluglm_retrieval", self.aux_weight * self._retrieval_loss(q, rows, keys, inv, gold, table)
             )
         return y
+
+    def retrieval_query(self, h: Tensor) -> Tensor:
+        """Unit queries (..., key_dim) from hidden states (..., C) (``key: parts``: two unit halves)."""
+        if self.relation_query is None:
+            return F.normalize(self.query(h), dim=-1)
+        return join_halves(self.query(h), self.relation_query(h))
 
     def _vocab_tables(self, H: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per vocabulary id: key as a token, key as a predecessor, value; each (V, H, d).
@@ -346,7 +377,7 @@ class PlugLM(MemoryDesign):
         o = self.options(config)
         self._encoder = KnowledgeEncoder(
             vocab_size=config.vocab_size, n_embd=config.n_embd, key_dim=o.key_dim,
-            own_embedding=o.encoder == "own", max_len=o.entry_tokens,
+            own_embedding=o.encoder == "own", max_len=o.entry_tokens, parts=o.key == "parts",
         )  # fmt: skip
         return self._encoder
 
@@ -369,6 +400,7 @@ class PlugLM(MemoryDesign):
             n_embd=config.n_embd, n_head=config.n_head, key_dim=o.key_dim, top_n=o.top_n, value=o.value,
             beta_init=o.beta_init, temperature=o.temperature, aux_weight=o.aux_weight, encoder=self._encoder,
             teacher_forcing=o.teacher_forcing, retrieval_negatives=o.retrieval_negatives, read_top_n=o.read_top_n,
+            parts=o.key == "parts",
         )  # fmt: skip
         return LayerHooks(ffn_branch=branch, replace_ffn=o.replace_ffn)
 

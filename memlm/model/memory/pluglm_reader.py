@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from memlm.model.memory.base import MemoryContext
+from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 
@@ -44,10 +45,11 @@ class KeyTable:
 
     def __init__(
         self, *, ids: Tensor, key_tokens: Tensor, key_len: Tensor, value_tokens: Tensor, value_len: Tensor,
-        pad_id: int, key_dim: int, index: str = "exact",
+        pad_id: int, key_dim: int, index: str = "exact", key_split: Tensor | None = None,
     ) -> None:  # fmt: skip
         self.ids, self.pad_id, self.index = ids, pad_id, index
         self.key_tokens, self.key_len = key_tokens, key_len
+        self.key_split = key_split  # (M,) subject tokens before the relation's (key: parts); None: one pool
         self.value_tokens, self.value_len = value_tokens, value_len
         self.keys = torch.zeros(len(ids), key_dim, device=ids.device)
         self.version = 0  # full key refreshes so far
@@ -57,8 +59,9 @@ class KeyTable:
         return len(self.ids)
 
     def to(self, device: torch.device) -> KeyTable:
-        for name in ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys", "key_split"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def set_keys(self, keys: Tensor) -> None:
@@ -92,9 +95,8 @@ class PlugLMReader(MemoryReader):
         self.namespaces = options.namespaces
         self.check_bank(self.namespaces)
         self._fingerprint = tokenizer.fingerprint()
-        self._tokens: dict[
-            tuple[str, str], tuple[list[int], list[int]]
-        ] = {}  # (tok fp, hash) -> (about, text)
+        # (tok fp, hash) -> (key tokens, text tokens, subject tokens at the key's start)
+        self._tokens: dict[tuple[str, str], tuple[list[int], list[int], int]] = {}
         self.table: KeyTable | None = None
         self._bank_version: int | None = None
         self._keys_fresh = False  # keys computed from the encoder's current weights
@@ -102,13 +104,17 @@ class PlugLMReader(MemoryReader):
         self.refresh_seconds: list[float] = []  # wall time of each full key refresh (the training stall)
 
     # ---- the table -----------------------------------------------------------------------------
-    def _entry_tokens(self, entry) -> tuple[list[int], list[int]]:
+    def _entry_tokens(self, entry) -> tuple[list[int], list[int], int]:
         key = (self._fingerprint, entry.content_hash)
         if key not in self._tokens:
             L = self.options.entry_tokens
-            about = about_text(entry) if self.options.key == "about" else entry.text
-            key_ids = self.tokenizer.encode(as_in_a_sentence(about))[:L]
-            self._tokens[key] = (key_ids, self.tokenizer.encode(entry.text)[:L])
+            if self.options.key == "parts" and entry.subject and entry.relation:
+                key_ids, split = part_tokens(self.tokenizer, entry.subject, entry.relation, L)
+            else:
+                about = about_text(entry) if self.options.key != "text" else entry.text
+                key_ids = self.tokenizer.encode(as_in_a_sentence(about))[:L]
+                split = len(key_ids)  # no relation: key: parts pools the whole text into both halves
+            self._tokens[key] = (key_ids, self.tokenizer.encode(entry.text)[:L], split)
         return self._tokens[key]
 
     def _load(self) -> int:
@@ -123,9 +129,10 @@ class PlugLMReader(MemoryReader):
         pad, device = self.tokenizer.pad_id, self.model.device
         self.table = KeyTable(
             ids=torch.tensor([e.id for e in entries], dtype=torch.long),
-            key_tokens=_pad([a for a, _ in toks], pad), key_len=torch.tensor([len(a) for a, _ in toks]),
-            value_tokens=_pad([t for _, t in toks], pad), value_len=torch.tensor([len(t) for _, t in toks]),
+            key_tokens=_pad([a for a, _, _ in toks], pad), key_len=torch.tensor([len(a) for a, _, _ in toks]),
+            value_tokens=_pad([t for _, t, _ in toks], pad), value_len=torch.tensor([len(t) for _, t, _ in toks]),
             pad_id=pad, key_dim=self.options.key_dim, index=self.options.index,
+            key_split=torch.tensor([n for _, _, n in toks]) if self.options.key == "parts" else None,
         ).to(device)  # fmt: skip
         self._entries = entries
         self._subject_re = None
@@ -137,7 +144,11 @@ class PlugLMReader(MemoryReader):
         """Recompute every key from the current encoder (a new table version); returns the seconds it took."""
         t0 = time.perf_counter()
         enc, t = self.model.memory, self.table
-        keys = [enc.keys(t.key_tokens[i : i + 8192], t.key_len[i : i + 8192]) for i in range(0, len(t), 8192)]
+        split = (lambda i: None) if t.key_split is None else (lambda i: t.key_split[i : i + 8192])  # noqa: E731
+        keys = [
+            enc.keys(t.key_tokens[i : i + 8192], t.key_len[i : i + 8192], split(i))
+            for i in range(0, len(t), 8192)
+        ]
         t.set_keys(torch.cat(keys) if keys else t.keys)
         self._keys_fresh = True
         self.refresh_seconds.append(time.perf_counter() - t0)
