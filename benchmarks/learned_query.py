@@ -58,14 +58,14 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
     shares = {"first": 0, "last": 0, "middle": 0, "none": 0}  # other-person errors by the name words shared
     chance = dict.fromkeys(shares, 0.0)  # the same split if the wrong person were drawn at random
     people = sorted({f["subject"] for f in facts})
+    if design == "explicitlm":  # its keys as the current encoder makes them: the same for every question
+        table = reader.table
+        keys, alive, bank_ids = table.encode_keys(model.memory, model.wte), table.alive, table.ids
     for q in questions:
         batch = reader.prompts([q["prompt"]])
         model(torch.tensor([batch.token_ids[0]]), memory=batch.memory)
         query = layer.retrieval_query(seen["h"].reshape(-1, seen["h"].shape[-1])[-1:]).float()
-        if design == "explicitlm":
-            table = reader.table
-            keys, alive, bank_ids = table.encode_keys(model.memory, model.wte), table.alive, table.ids
-        else:
+        if design != "explicitlm":
             table = batch.memory.inputs.table
             keys, alive, bank_ids = table.keys, torch.ones(len(table), dtype=torch.bool), table.ids
         scores = (query @ keys.T.float()).squeeze(0).masked_fill(~alive, -2.0)

@@ -169,8 +169,9 @@ class KnowledgeEncoder(nn.Module):
         if split is None:
             return F.normalize(self.key_proj(self.key_pool(x, mask)), dim=-1)
         pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        subject = mask & ((pos < split[:, None]) | (split == lengths)[:, None])
-        relation = mask & ((pos >= split[:, None]) | (split == lengths)[:, None])
+        whole = (split == lengths)[:, None]  # no relation: both halves pool the whole text
+        subject = mask & ((pos < split[:, None]) | whole)
+        relation = mask & ((pos >= split[:, None]) | whole)
         return join_halves(
             self.key_proj(self.key_pool(x, subject)), self.relation_proj(self.relation_pool(x, relation))
         )
