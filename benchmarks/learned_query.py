@@ -5,7 +5,9 @@ key in the bank (exact search, the current encoder's keys) and the gold entry's 
 also whether the product-key stage's candidates hold it. A wrong top-1 is split by what it names: another
 person, or the same person's other fact; another person by the words of the name it shares with the gold's
 (first word, last word, any other word, none: a query that holds the whole name confuses near names), the same
-person's other fact by which relation it found instead of the question's::
+person's other fact by which relation it found instead of the question's. Exact top 1 is also given per
+phrasing (relation/template); ``--phrasing train`` asks the same questions as the corpus's drills phrase them
+(:func:`memlm.eval.qa.rephrase`), which tells an unseen phrasing from an unseen person::
 
     python benchmarks/learned_query.py --model RUN/final --data /work/exp/bios2k --split unseen --limit 300 \\
         --bank BANK_COPY --json benchmarks/results/explicitlm/tf_2k_s/learned_query.json
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from memlm.eval.qa import load_qa, rephrase
 from memlm.model.checkpoint import load_pretrained
 from memlm.model.memory.binding import load_reader
 
@@ -43,7 +47,25 @@ def _shared(gold: str, got: str) -> str:
 
 
 @torch.no_grad()
-def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None) -> dict:
+def unseen_tokens(tok, corpus: Path, questions: list[dict]) -> dict[str, list[str]]:
+    """Per phrasing (relation/template): the tokens of its question, subject left out, that the training corpus
+    never contains (the model never learnt their embeddings)."""
+    seen: set[int] = set()
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        seen.update(tok.encode(json.loads(line)["text"]))
+    out = {}
+    for q in questions:
+        key = f"{q['relation']}/{q['template']}"
+        if key not in out:
+            words = q["prompt"].replace(" " + q["subject"], "")
+            out[key] = [tok.decode([t]) for t in tok.encode(words) if t not in seen]
+    return dict(sorted(out.items()))
+
+
+def measure(
+    model_dir: str, data: Path, split: str, limit: int, bank: str | None, phrasing: str = "eval",
+    corpus: Path | None = None,
+) -> dict:  # fmt: skip
     model, tok = load_pretrained(model_dir)
     model.eval()
     reader = load_reader(model_dir, model, tok, bank=bank)
@@ -51,9 +73,10 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
     layer = _layer(model)
     seen: dict[str, torch.Tensor] = {}
     layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0]))
-    questions = [json.loads(x) for x in (data / f"qa/{split}.jsonl").read_text().splitlines()][:limit]
+    questions = [asdict(r) for r in rephrase(load_qa(data, split)[:limit], data, phrasing)]
     facts = [json.loads(x) for x in (data / "facts.jsonl").read_text().splitlines()]
     n = top1 = top5 = coarse = other_person = 0
+    by_phrasing: dict[str, list[bool]] = {}
     relations: dict[str, int] = {}  # same-person errors: "gold relation -> relation found"
     shares = {"first": 0, "last": 0, "middle": 0, "none": 0}  # other-person errors by the name words shared
     chance = dict.fromkeys(shares, 0.0)  # the same split if the wrong person were drawn at random
@@ -64,7 +87,13 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
     for q in questions:
         batch = reader.prompts([q["prompt"]])
         model(torch.tensor([batch.token_ids[0]]), memory=batch.memory)
-        query = layer.retrieval_query(seen["h"].reshape(-1, seen["h"].shape[-1])[-1:]).float()
+        h = seen["h"].reshape(-1, seen["h"].shape[-1])[-1:]
+        text = None
+        if (
+            getattr(layer, "text_query", None) is not None
+        ):  # PlugLM's query encoder: its term at the last position
+            text = layer._text_term(batch.memory.inputs, seen["h"].shape[1])[0, -1:]
+        query = (layer.retrieval_query(h) if text is None else layer.retrieval_query(h, text)).float()
         if design != "explicitlm":
             table = batch.memory.inputs.table
             keys, alive, bank_ids = table.keys, torch.ones(len(table), dtype=torch.bool), table.ids
@@ -74,6 +103,7 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
             raise SystemExit(f"{data}/qa/{split}.jsonl: fact_id {q['fact_id']} is not in the bank once")
         rank = int((scores > scores[gold[0]]).sum())
         n, top1, top5 = n + 1, top1 + (rank == 0), top5 + (rank < 5)
+        by_phrasing.setdefault(f"{q['relation']}/{q['template']}", []).append(rank == 0)
         if rank:
             best = facts[int(bank_ids[scores.argmax()])]
             if best["subject"] != q["subject"]:
@@ -88,13 +118,16 @@ def measure(model_dir: str, data: Path, split: str, limit: int, bank: str | None
         if design == "explicitlm":
             _, cand = table.search.search(query, layer.o.fine_k)
             coarse += bool((cand == gold[0]).any())
-    out = {"model": model_dir, "data": str(data), "split": split, "n": n, "exact_top1": top1 / n,
+    out = {"model": model_dir, "data": str(data), "split": split, "phrasing": phrasing, "n": n, "exact_top1": top1 / n,
            "exact_top5": top5 / n, "wrong_top1_other_person": other_person / max(n - top1, 1),
            "other_person_shares": {k: v / max(other_person, 1) for k, v in shares.items()},
            "other_person_shares_by_chance": {k: v / max(other_person, 1) for k, v in chance.items()},
            "same_person_other_relation": dict(sorted(relations.items(), key=lambda kv: -kv[1]))}  # fmt: skip
     if design == "explicitlm":
         out["gold_among_coarse_candidates"] = coarse / n
+    out["exact_top1_per_phrasing"] = {k: sum(v) / len(v) for k, v in sorted(by_phrasing.items())}
+    if corpus is not None:
+        out["tokens_not_in_corpus_per_phrasing"] = unseen_tokens(tok, corpus, questions)
     return out
 
 
@@ -105,9 +138,13 @@ def main() -> None:
     p.add_argument("--split", default="unseen")
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--bank", help="bank folder (default: the model's training bank); bank ids = fact_id")
+    p.add_argument("--phrasing", choices=("eval", "train"), default="eval", help="question templates asked")
+    p.add_argument(
+        "--corpus", type=Path, help="training JSONL: also list the question tokens it never contains"
+    )
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
-    out = measure(args.model, args.data, args.split, args.limit, args.bank)
+    out = measure(args.model, args.data, args.split, args.limit, args.bank, args.phrasing, args.corpus)
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

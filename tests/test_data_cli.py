@@ -30,7 +30,7 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
     class Fake:
         def generate(self, prompts, *, max_new_tokens):
             # Right for the first half of the questions only.
-            return [" " + answers[p] if i < len(prompts) // 2 else " wrong" for i, p in enumerate(prompts)]
+            return [" " + answers.get(p, "") if i < len(prompts) // 2 else " wrong" for i, p in enumerate(prompts)]
 
     import memlm.generate
 
@@ -55,10 +55,18 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
     asked = []
     for _ in range(2):
         assert main([*args, "--out", str(tmp_path / "s")]) == 0
-        lines = (tmp_path / "s" / "qa_unseen_predictions.jsonl").read_text().splitlines()
+        lines = asked_lines = (tmp_path / "s" / "qa_unseen_predictions.jsonl").read_text().splitlines()
         asked.append([json.loads(line)["prompt"] for line in lines])
     first = [r.prompt for r in load_qa(out, "unseen")[:5]]
     assert len(asked[0]) == 5 and asked[0] == asked[1] and asked[0] != first
+
+    # --phrasing train: the same sample in the corpus's question phrasing, written apart
+    assert main([*args, "--out", str(tmp_path / "s"), "--phrasing", "train"]) == 0
+    lines = (tmp_path / "s" / "qa_unseen_train_predictions.jsonl").read_text().splitlines()
+    rephrased = [json.loads(line) for line in lines]
+    assert [p["fact_id"] for p in rephrased] == [json.loads(x)["fact_id"] for x in asked_lines]
+    assert not {p["prompt"] for p in rephrased} & set(asked[0])
+    assert json.loads((tmp_path / "s" / "qa_unseen_train.json").read_text())["phrasing"] == "train"
 
 
 def test_ingest_error_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from memlm.data.annotate import call_string
-from memlm.data.bios import BiosConfig, generate_bios
+from memlm.data.bios import TEMPLATES, BiosConfig, generate_bios
 from memlm.errors import InputError
-from memlm.eval.qa import evaluate_qa, exact_match, load_qa, normalize_answer, write_report
+from memlm.eval.qa import evaluate_qa, exact_match, load_qa, normalize_answer, rephrase, write_report
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,56 @@ def test_bad_qa_file_names_line_and_field(tmp_path):
     assert err.value.line == 2 and err.value.field == "fact_id"
     with pytest.raises(InputError):
         load_qa(tmp_path, "unseen")
+    (tmp_path / "qa/seen.jsonl").write_text(json.dumps(dict(good, template="first")) + "\n")
+    with pytest.raises(InputError) as err:
+        load_qa(tmp_path, "seen")
+    assert err.value.line == 1 and err.value.field == "template"
+
+
+def _templated(record) -> str:
+    """The question of a prompt with its subject put back as ``{s}``: which template phrased it."""
+    return record.prompt.removeprefix("Q: ").removesuffix("\nA:").replace(record.subject, "{s}")
+
+
+def test_rephrase_asks_the_same_questions_in_the_corpus_phrasing(data_dir):
+    records = load_qa(data_dir, "unseen")
+    assert {r.template for r in records} == {0, 1}
+    # eval phrasing renders the QA files' own prompts; train phrasing only templates the corpus drills
+    assert [r.prompt for r in rephrase(records, data_dir, "eval")] == [r.prompt for r in records]
+    train = rephrase(records, data_dir, "train")
+    assert [(r.fact_id, r.answer, r.subject) for r in train] == [
+        (r.fact_id, r.answer, r.subject) for r in records
+    ]
+    for r in train:
+        assert _templated(r) in TEMPLATES.train_questions[r.relation]
+        assert _templated(r) not in TEMPLATES.eval_questions[r.relation]
+    assert {(r.relation, _templated(r)) for r in train} == {
+        (rel, t) for rel, ts in TEMPLATES.train_questions.items() for t in ts
+    }
+    corpus = (data_dir / "corpus/train.jsonl").read_text()
+    assert any(
+        json.dumps(r.prompt)[1:-1] in corpus for r in rephrase(load_qa(data_dir, "seen"), data_dir, "train")
+    )
+    with pytest.raises(InputError) as err:
+        rephrase(records, data_dir / "qa", "train")  # a folder without meta.json
+    assert err.value.field == "templates" and "meta.json" in str(err.value)
+    with pytest.raises(ValueError):
+        rephrase(records, data_dir, "other")
+
+
+def test_per_phrasing_scores_each_template_apart(data_dir):
+    records = load_qa(data_dir, "unseen")
+    by_prompt = {r.prompt: r for r in records}
+
+    class FirstTemplateOnly:
+        def generate(self, prompts, *, max_new_tokens):
+            return [
+                Gen(" " + by_prompt[p].answer if by_prompt[p].template == 0 else " no", [0]) for p in prompts
+            ]
+
+    report = evaluate_qa(FirstTemplateOnly(), records)
+    assert set(report.per_phrasing) == {f"{rel}/{t}" for rel in TEMPLATES.eval_questions for t in (0, 1)}
+    assert sum(v["n"] for v in report.per_phrasing.values()) == len(records)
+    for key, v in report.per_phrasing.items():
+        assert v["em"] == (1.0 if key.endswith("/0") else 0.0) and "hit_rate" in v
+    assert 0 < report.em < 1

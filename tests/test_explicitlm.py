@@ -502,3 +502,23 @@ def test_cpu_training_run_through_the_cli(bios, bank_dir, tmp_path, memory_train
                  "--limit", "6", "--max-new-tokens", "4"]) == 0  # fmt: skip
     report = json.loads((out / "final/eval/qa_unseen.json").read_text())
     assert report["retrieval"]["n"] == 6
+
+
+def test_state_next_gives_a_token_state_the_token_after_it(bios, bank, tokenizer):
+    """With ``state_next`` the state of "for" in "works for Maple Motors." knows "Maple" (the value's first
+    token); without it a state knows only what precedes it."""
+    tokens = torch.tensor([tokenizer.encode("Ada works for Maple Motors.")])
+    other = tokens.clone()
+    j = 2  # change the token after position j
+    other[0, j + 1] = tokenizer.encode(" Blue")[0]
+    for on in (False, True):
+        m = model(state_next=on)
+        a, b = (m.memory.states(t, m.wte, tokenizer.pad_id) for t in (tokens, other))
+        changed = (a - b).abs().amax(-1)[0] > 1e-6
+        assert not changed[:j].any() and changed[j + 1] and bool(changed[j]) == on
+        padded = torch.cat([tokens, torch.full((1, 3), tokenizer.pad_id)], 1)
+        torch.testing.assert_close(m.memory.states(padded, m.wte, tokenizer.pad_id)[:, : tokens.shape[1]], a)
+    m = model(gate=0.5, state_next=True).train()
+    batch = load_reader(None, m, tokenizer, bank=bank).train_batch(docs(bios), rng=random.Random(0))
+    m(batch.input_ids, targets=batch.targets, memory=batch.memory).loss.backward()
+    assert m.memory.next.weight.grad.abs().sum() > 0

@@ -396,3 +396,57 @@ def test_cpu_training_step_with_a_tiny_config(bios, bank_dir, tmp_path, memory_t
     assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
     assert train[0]["lr_memory"] != train[0]["lr"]
     assert (tmp_path / "run/final/model.safetensors").is_file()
+
+
+def test_query_encoder_joins_the_query_only_after_the_question_is_read(bios, bank_dir, tokenizer, tmp_path):
+    from memlm.encode import load_encoder
+    from memlm.model.memory.rag import query_text
+
+    model = plug_model(query_encoder="hashing").train()
+    layer = model.blocks[1].memory
+    texts = docs(bios)[:6]
+    encoder = load_encoder("hashing")
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.train_batch(texts, rng=random.Random(0))
+        inputs = batch.memory.inputs
+        assert inputs.text.shape == (6, 384) and inputs.text_mask.shape == batch.input_ids.shape
+        for b in range(
+            len(texts)
+        ):  # marked from the first sentence's last token on; embedded after the swaps
+            row = [t for t in batch.input_ids[b].tolist() if t != tokenizer.pad_id][1:]
+            first = int(inputs.text_mask[b].float().argmax())
+            assert not inputs.text_mask[b, :first].any() and first > 3
+            sentence = query_text(tokenizer.decode(row))
+            assert tokenizer.decode(row[:first]) == sentence
+            torch.testing.assert_close(inputs.text[b], torch.from_numpy(encoder.encode([sentence])[0]))
+        model(batch.input_ids, targets=batch.targets, memory=batch.memory).loss.backward()
+        assert layer.text_query.weight.grad.abs().sum() > 0  # zero-initialised, and it learns
+        model.eval()
+        with torch.no_grad():
+            layer.text_query.weight.normal_(0, 1.0)
+            a = model(batch.input_ids, memory=batch.memory)
+            inputs.text = torch.randn_like(inputs.text)  # another question: only positions after it move
+            b = model(batch.input_ids, memory=batch.memory)
+        moved = (a.logits - b.logits).abs().amax(-1) > 1e-5  # (B, T)
+        assert not (moved & ~inputs.text_mask).any() and (moved & inputs.text_mask).any()
+
+        # Prompts: generation left-pads, so each row's marks end with its prompt; decoding reads them.
+        prompts = ["Q: Where was Laura F. Glenholm born?\nA:", "Q: Who is it?\nA:"]
+        pb = reader.prompts(prompts)
+        mask = pb.memory.inputs.text_mask
+        assert mask.shape == (2, max(len(r) for r in pb.token_ids)) and mask[:, -1].all()
+        for row, m in zip(pb.token_ids, mask):
+            first = int(m.float().argmax()) - (len(m) - len(row))  # in the row's own positions
+            assert tokenizer.decode(row[1 : first + 1]) == query_text(tokenizer.decode(row[1:]))
+        gen = Generator(model, tokenizer, reader=reader).generate(prompts, max_new_tokens=3)
+        assert len(gen) == 2 and gen[0].retrieved
+        model.save_pretrained(tmp_path / "m", tokenizer=tokenizer, memory=memory_record("pluglm", bank))
+    with Generator.from_pretrained(tmp_path / "m") as again:
+        assert [g.text for g in again.generate(prompts, max_new_tokens=3)] == [g.text for g in gen]
+    with pytest.raises(ConfigError, match="query_encoder"):
+        plug_model(query_encoder="hashing", key="parts")
+    with pytest.raises(ConfigError, match="384-d"), MemoryBank.open(bank_dir) as bank:
+        load_reader(
+            None, plug_model(query_encoder="hashing", query_encoder_dim=8), tokenizer, bank=bank
+        ).prompts(prompts)

@@ -42,6 +42,13 @@ def register(subparsers) -> None:
     qa.add_argument(
         "--sample", type=int, default=None, help="a seeded random sample of N questions (quick evaluations)"
     )
+    qa.add_argument(
+        "--phrasing",
+        choices=("eval", "train"),
+        default="eval",
+        help="eval: the held-out question templates (the QA files); train: the same questions phrased as the "
+        "corpus's drills, to tell an unseen phrasing from an unseen person (output qa_{split}_train)",
+    )
     qa.set_defaults(func=run_qa)
     edit = sub.add_parser(
         "edit",
@@ -64,12 +71,14 @@ def register(subparsers) -> None:
 
 
 def run_qa(args) -> int:
-    from memlm.eval.qa import load_qa, markdown_table, sample_questions, write_report
+    from memlm.eval.qa import load_qa, markdown_table, rephrase, sample_questions, write_report
     from memlm.generate import Generator
 
     records = sample_questions(load_qa(args.data, args.split), args.sample)
     if args.limit is not None:
         records = records[: args.limit]
+    if args.phrasing != "eval":
+        records = rephrase(records, args.data, args.phrasing)
     options = dict(args.memory_options)
     gen = Generator.from_pretrained(args.model, device=args.device, bank=args.bank, memory_options=options)
     try:
@@ -80,8 +89,10 @@ def run_qa(args) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     meta = {"model": str(args.model), "data": str(args.data), "split": args.split, "memory_options": options}
     meta["bank"] = None if bank is None else str(bank.path)
-    path = write_report(report, out, f"qa_{args.split}", meta=meta)
-    print(markdown_table(report, title=f"QA exact match — {args.split}"), end="")
+    meta["phrasing"] = args.phrasing
+    name = f"qa_{args.split}" + ("" if args.phrasing == "eval" else f"_{args.phrasing}")
+    path = write_report(report, out, name, meta=meta)
+    print(markdown_table(report, title=f"QA exact match — {name}"), end="")
     print(f"wrote {path}")
     return 0
 

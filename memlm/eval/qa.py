@@ -20,10 +20,11 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from memlm.data.annotate import strip_calls
+from memlm.data.benchmark import QA_PROMPT
 from memlm.errors import InputError
 from memlm.utils.io import atomic_path, write_json
 from memlm.utils.jsonl import iter_jsonl
@@ -42,6 +43,7 @@ class QARecord:
     fact_id: int
     split: str
     entity_split: str | None = None  # seen | unseen: is the entity's text in training (edit/delete sets)
+    template: int | None = None  # which of the relation's question templates phrased it (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class Prediction:
     correct: bool
     hit: bool | None  # None: the model reported no retrieval
     retrieved: tuple[int, ...] | None = None  # bank entry ids the answer used (provenance)
+    template: int | None = None
 
 
 @dataclass
@@ -64,6 +67,7 @@ class QAReport:
     per_split: dict[str, dict[str, float]]
     per_relation: dict[str, dict[str, float]]
     retrieval: dict[str, float] | None  # hit_rate, em_given_hit, em_given_miss, n (answers with a trace)
+    per_phrasing: dict[str, dict[str, float]] = field(default_factory=dict)  # "relation/template": n, em, hit
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -100,11 +104,41 @@ def load_qa(data_dir: str | os.PathLike, split: str) -> list[QARecord]:
             for key, typ in QA_FIELDS.items():
                 if not isinstance(obj.get(key), typ):
                     raise InputError(f"expected {typ.__name__}", path=path, line=lineno, field=key)
-            side = obj.get("entity_split")
+            side, template = obj.get("entity_split"), obj.get("template")
             if side is not None and not isinstance(side, str):
                 raise InputError("expected str", path=path, line=lineno, field="entity_split")
-            records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}, entity_split=side))
+            if template is not None and (not isinstance(template, int) or template < 0):
+                raise InputError("expected an int >= 0", path=path, line=lineno, field="template")
+            records.append(QARecord(**{k: obj[k] for k in QA_FIELDS}, entity_split=side, template=template))
     return records
+
+
+PHRASINGS = ("eval", "train")
+
+
+def rephrase(records: Sequence[QARecord], data_dir: str | os.PathLike, phrasing: str) -> list[QARecord]:
+    """The same questions phrased with the benchmark's ``eval`` templates (as the QA files are: never in the
+    training text) or its ``train`` templates (those the corpus drills). Asking the same people both ways
+    separates what a model cannot do for an unseen person from what it cannot do for an unseen phrasing.
+    A question's template index picks among the relation's templates (modulo their number)."""
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
+    meta = Path(data_dir) / "meta.json"
+    try:
+        templates = json.loads(meta.read_text(encoding="utf-8"))["templates"][f"{phrasing}_questions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"no {phrasing} question templates ({e})", path=meta, field="templates") from None
+    out = []
+    for r in records:
+        options = templates.get(r.relation)
+        if not options:
+            raise InputError(
+                f"no {phrasing} template for relation {r.relation!r}", path=meta, field="templates"
+            )
+        t = (r.template or 0) % len(options)
+        question = options[t].format(s=r.subject)
+        out.append(replace(r, prompt=QA_PROMPT.format(question=question), template=t))
+    return out
 
 
 def sample_questions(records: list, n: int | None) -> list:
@@ -170,13 +204,27 @@ def evaluate_qa(
             hit = None if retrieved is None else entry_id(r) in retrieved
             ok = exact_match(text, r.answer)
             used = None if retrieved is None else tuple(retrieved)
-            preds.append(Prediction(r.fact_id, r.split, r.relation, r.prompt, r.answer, text, ok, hit, used))
+            preds.append(
+                Prediction(
+                    r.fact_id, r.split, r.relation, r.prompt, r.answer, text, ok, hit, used, r.template
+                )
+            )
 
     def group(key) -> dict[str, dict[str, float]]:
         out: dict[str, list[bool]] = {}
         for p in preds:
             out.setdefault(key(p), []).append(p.correct)
         return {k: {"n": len(v), "em": _rate(v)} for k, v in sorted(out.items())}
+
+    phrasings: dict[str, list[Prediction]] = {}
+    for p in preds:
+        if p.template is not None:
+            phrasings.setdefault(f"{p.relation}/{p.template}", []).append(p)
+    per_phrasing = {}
+    for k, ps in sorted(phrasings.items()):
+        per_phrasing[k] = {"n": len(ps), "em": _rate([p.correct for p in ps])}
+        if all(p.hit is not None for p in ps):
+            per_phrasing[k]["hit_rate"] = _rate([bool(p.hit) for p in ps])
 
     traced = [p for p in preds if p.hit is not None]
     retrieval = None
@@ -195,6 +243,7 @@ def evaluate_qa(
         per_split=group(lambda p: p.split),
         per_relation=group(lambda p: p.relation),
         retrieval=retrieval,
+        per_phrasing=per_phrasing,
         predictions=preds,
     )
 
@@ -204,6 +253,7 @@ def markdown_table(report: QAReport, *, title: str = "QA exact match") -> str:
     lines.append(f"| **all** | {report.n} | {report.em:.3f} |")
     lines += [f"| split: {k} | {v['n']} | {v['em']:.3f} |" for k, v in report.per_split.items()]
     lines += [f"| relation: {k} | {v['n']} | {v['em']:.3f} |" for k, v in report.per_relation.items()]
+    lines += [f"| phrasing: {k} | {v['n']} | {v['em']:.3f} |" for k, v in report.per_phrasing.items()]
     if report.retrieval:
         r = report.retrieval
         lines += [

@@ -57,6 +57,9 @@ class ExplicitLMOptions:
     key_dim: int = 128  # query/key size, split in halves for the product keys
     key_tokens: int = 16  # the key text is cut to this many tokens
     text_tokens: int = 32  # an entry's text (what is read) is cut to this many tokens (the paper: 16)
+    state_next: bool = False  # token states also hold the next token's embedding, so the word before a value
+    # ("works for") names the value's first token; with the previous token's alone the fusion learnt to read a
+    # value's end (the "." after it): first tokens of multi-token values came out wrong (results_explicitlm.md)
     read_k: int = 1  # entries each token reads (the paper: 1)
     fine_k: int = 8  # coarse candidates the fine stage scores with fresh keys (the paper keeps 16)
     topk_half: int = 8  # sub-keys kept per half
@@ -148,7 +151,8 @@ class EntryEncoder(nn.Module):
     Keys: a position-gated sum of the key text's token embeddings (order-aware: swapping two tokens changes the
     key), then an MLP; unit length. Cheap per entry, because the fine stage re-encodes its candidates' keys at
     every step. Token states: embedding + entry position + the previous token's embedding (so a state knows
-    what precedes it: the cue for copying a multi-token value) + an MLP.
+    what precedes it: the cue for copying a multi-token value) + with ``state_next`` the next token's (an entry
+    is memory, not the sample: reading ahead in it is not reading the sample's future) + an MLP.
     """
 
     def __init__(self, *, n_embd: int, o: ExplicitLMOptions) -> None:
@@ -166,6 +170,7 @@ class EntryEncoder(nn.Module):
             self.relation_out = nn.Linear(C, o.key_dim // 2, bias=False)
         self.text_pos = nn.Parameter(torch.randn(o.text_tokens, C) * 0.02)
         self.prev = nn.Linear(C, C, bias=False)
+        self.next = nn.Linear(C, C, bias=False) if o.state_next else None
         self.text_norm = nn.RMSNorm(C)
         self.text_mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.SiLU(), nn.Linear(2 * C, C))
         relation = (self.relation_mlp[0], self.relation_mlp[2], self.relation_out) if parts else ()
@@ -174,6 +179,7 @@ class EntryEncoder(nn.Module):
             self.key_mlp[2],
             self.key_out,
             self.prev,
+            *([self.next] if self.next is not None else []),
             self.text_mlp[0],
             self.text_mlp[2],
             *relation,
@@ -216,10 +222,13 @@ class EntryEncoder(nn.Module):
         h = (e * mask).sum(1) / mask.sum(1).clamp(min=1).sqrt()  # (U, C)
         return h + getattr(self, f"{part}_mlp")(getattr(self, f"{part}_norm")(h))
 
-    def states(self, tokens: Tensor, embed: nn.Embedding) -> Tensor:
+    def states(self, tokens: Tensor, embed: nn.Embedding, pad_id: int) -> Tensor:
         """(U, L) entry-text token ids -> (U, L, C) token states."""
         e = embed(tokens)  # (U, L, C)
         x = e + self.text_pos[: tokens.shape[1]] + self.prev(F.pad(e, (0, 0, 1, 0))[:, :-1])
+        if self.next is not None:  # the last token's next is nothing (PAD reads as zero)
+            after = (e * (tokens != pad_id).unsqueeze(-1))[:, 1:]
+            x = x + self.next(F.pad(after, (0, 0, 0, 1)))
         return x + self.text_mlp(self.text_norm(x))
 
 
@@ -455,7 +464,7 @@ class ExplicitLMLayer(nn.Module):
             )
         mask = tokens != table.pad_id  # (U, L)
         L = max(int(mask.sum(1).max()), 1)
-        states = self.encoder.states(tokens[:, :L], inputs.embed)  # (U, L, C)
+        states = self.encoder.states(tokens[:, :L], inputs.embed, table.pad_id)  # (U, L, C)
         mask = mask[:, :L]
         if table.M:  # learnable slots read their own token states
             slot_states = self.encoder.implicit.states[uniq.clamp(max=table.M - 1)]  # (U, Li, C)

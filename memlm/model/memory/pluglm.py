@@ -20,6 +20,12 @@ What memlm does differently:
 - **Plug and play, scoped.** The reader (:mod:`memlm.model.memory.pluglm_reader`) builds the key table from the
   bank's entries in the reader's namespaces only, follows the bank's edits, and refreshes every key from the
   current encoder every ``refresh_every`` training steps (stale keys in between, as in the paper).
+- **A pretrained reader of the question, optional.** The paper's query comes from a pretrained BERT that knows
+  English; a backbone trained from scratch on one corpus knows only the corpus's words, and misses questions
+  phrased with words it never saw (bios, held-out phrasings: docs/results_pluglm.md). ``query_encoder`` (a
+  :mod:`memlm.encode` spec, e.g. ``minilm``) adds a learnt projection of that encoder's embedding of the text's
+  first sentence or line (a prompt's question) to the query of every position after it; earlier positions
+  never see it (causal). Off by default: the paper's query.
 - An auxiliary retrieval loss teaches the query where the data knows the gold entry (the entry whose object
   the position is about to predict): cross-entropy of the gold key against the retrieved ones (``aux_weight``).
 """
@@ -64,6 +70,9 @@ class PlugLMOptions:
     swap_prob: float = 0.5  # training: share of a sample's triples whose object is swapped (entry and text)
     namespaces: list[str] | None = None  # retrieval scope; None: every namespace of the bank
     entry_tokens: int = 32  # an entry's text (or about-text) is cut to this many tokens
+    query_encoder: str | None = None  # a memlm.encode spec (minilm): its embedding of the first sentence or
+    # line joins the query of the positions after it; None: the query is the hidden state's alone (paper)
+    query_encoder_dim: int = 384  # that encoder's output width (minilm: 384)
 
     def __post_init__(self) -> None:
         choices = {"key": ("about", "text", "parts"), "value": ("vector", "tokens"), "encoder": ("shared", "own"),
@@ -73,7 +82,7 @@ class PlugLMOptions:
                 raise ConfigError(
                     f"model.memory_options.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
-        for name in ("key_dim", "top_n", "refresh_every", "entry_tokens"):
+        for name in ("key_dim", "top_n", "refresh_every", "entry_tokens", "query_encoder_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
         if self.read_top_n is not None and self.read_top_n < 1:
@@ -81,6 +90,8 @@ class PlugLMOptions:
         for name in ("swap_prob", "teacher_forcing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.query_encoder is not None and self.key == "parts":
+            raise ConfigError("model.memory_options.query_encoder works with key: about or text, not parts")
         if self.aux_weight < 0 or self.temperature <= 0:
             raise ConfigError("model.memory_options.aux_weight must be >= 0 and temperature > 0")
 
@@ -97,11 +108,16 @@ class PlugInputs:
     gold: Tensor | None = None  # (B, T) table row of the entry whose object position t predicts; -1: none
     override_rows: Tensor | None = None  # (B, J) table rows whose value this sample reads from other tokens
     override_tokens: Tensor | None = None  # (B, J, L) those tokens (swapped objects); PAD-padded
+    text: Tensor | None = None  # (B, E) query_encoder's embedding of each row's first sentence or line
+    text_mask: Tensor | None = None  # (B, T) positions that have read all of it (aligned like the input ids)
 
     def to(self, device: torch.device) -> PlugInputs:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         self.table.to(device)
-        return PlugInputs(self.table, move(self.gold), move(self.override_rows), move(self.override_tokens))
+        return PlugInputs(
+            self.table, move(self.gold), move(self.override_rows), move(self.override_tokens), move(self.text),
+            move(self.text_mask),
+        )  # fmt: skip
 
 
 class AttentivePool(nn.Module):
@@ -205,6 +221,7 @@ class KnowledgeAttention(nn.Module):
         self, *, n_embd: int, n_head: int, key_dim: int, top_n: int, value: str, beta_init: float,
         temperature: float, aux_weight: float, encoder: KnowledgeEncoder, teacher_forcing: float = 0.0,
         retrieval_negatives: str = "retrieved", read_top_n: int | None = None, parts: bool = False,
+        text_dim: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.n_head, self.top_n, self.value, self.teacher_forcing = n_head, top_n, value, teacher_forcing
@@ -214,6 +231,10 @@ class KnowledgeAttention(nn.Module):
         # The retrieval query, from the position's own hidden state (key: parts — one head per half).
         self.query = nn.Linear(n_embd, key_halves(key_dim)[0] if parts else key_dim)
         self.relation_query = nn.Linear(n_embd, key_halves(key_dim)[1]) if parts else None
+        # query_encoder: zero-initialised, so training starts from the hidden state's query alone
+        self.text_query = None if text_dim is None else nn.Linear(text_dim, key_dim, bias=False)
+        if self.text_query is not None:
+            nn.init.zeros_(self.text_query.weight)
         self.wq = nn.Linear(n_embd, n_embd, bias=False)
         self.wk = nn.Linear(n_embd, n_embd, bias=False)
         self.wv = nn.Linear(n_embd, n_embd, bias=False)
@@ -237,7 +258,7 @@ class KnowledgeAttention(nn.Module):
         # (docs/results_pluglm.md: top 5 -> 1 at inference, EM 0.308 -> 0.407 on people plugged in later).
         n = self.top_n if self.training or self.read_top_n is None else self.read_top_n
         N = min(n, len(table))
-        q = self.retrieval_query(h)  # (B, T, dk): from position t's hidden state only
+        q = self.retrieval_query(h, self._text_term(inputs, T))  # (B, T, dk): from tokens <= t only
         rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
             # Teacher forcing: where the search missed the gold entry, it takes the last slot, so reading is
@@ -314,11 +335,26 @@ class KnowledgeAttention(nn.Module):
             )
         return y
 
-    def retrieval_query(self, h: Tensor) -> Tensor:
-        """Unit queries (..., key_dim) from hidden states (..., C) (``key: parts``: two unit halves)."""
+    def retrieval_query(self, h: Tensor, text: Tensor | None = None) -> Tensor:
+        """Unit queries (..., key_dim) from hidden states (..., C) (``key: parts``: two unit halves), plus
+        ``text`` (..., key_dim), the query encoder's term, where given."""
+        q = self.query(h) if text is None else self.query(h) + text
         if self.relation_query is None:
-            return F.normalize(self.query(h), dim=-1)
-        return join_halves(self.query(h), self.relation_query(h))
+            return F.normalize(q, dim=-1)
+        return join_halves(q, self.relation_query(h))
+
+    def _text_term(self, inputs: PlugInputs, T: int) -> Tensor | None:
+        """(B, T, key_dim): the projected text embedding at positions that have read the whole text, else 0.
+        The mask is aligned with the row's end, so a cached decoding step (T = 1) takes its last column: once
+        a prompt is read, every later position has read its question."""
+        if self.text_query is None:
+            return None
+        if inputs.text is None or inputs.text_mask is None:
+            raise ValueError("this PlugLM reads a query encoder: the reader must hand it text and text_mask")
+        mask = inputs.text_mask[:, -T:].to(inputs.text.dtype)
+        if mask.shape[1] != T:
+            raise ValueError(f"text_mask covers {mask.shape[1]} positions, the input {T}")
+        return self.text_query(inputs.text)[:, None, :] * mask[..., None]
 
     def _vocab_tables(self, H: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per vocabulary id: key as a token, key as a predecessor, value; each (V, H, d).
@@ -401,7 +437,7 @@ class PlugLM(MemoryDesign):
             n_embd=config.n_embd, n_head=config.n_head, key_dim=o.key_dim, top_n=o.top_n, value=o.value,
             beta_init=o.beta_init, temperature=o.temperature, aux_weight=o.aux_weight, encoder=self._encoder,
             teacher_forcing=o.teacher_forcing, retrieval_negatives=o.retrieval_negatives, read_top_n=o.read_top_n,
-            parts=o.key == "parts",
+            parts=o.key == "parts", text_dim=o.query_encoder_dim if o.query_encoder else None,
         )  # fmt: skip
         return LayerHooks(ffn_branch=branch, replace_ffn=o.replace_ffn)
 

@@ -13,6 +13,10 @@ Training samples: the reader finds the document's subject among the bank's subje
 of its triples (``swap_prob``: in the document and in the value the model reads alike, so the fact is only in
 the bank), and marks each position whose next token belongs to an object with that entry's table row (the gold
 of the retrieval loss). Every token after BOS is a target: retrieval is per position, from the prefix.
+
+With ``query_encoder``, each text's first sentence or line (a prompt's question: RAG's query,
+:func:`memlm.model.memory.rag.query_text`) is embedded by that encoder, after the swaps, and the positions from
+its last token on are marked as having read it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from memlm.errors import ConfigError
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
@@ -102,6 +107,8 @@ class PlugLMReader(MemoryReader):
         self._keys_fresh = False  # keys computed from the encoder's current weights
         self._steps = 0
         self.refresh_seconds: list[float] = []  # wall time of each full key refresh (the training stall)
+        self._text_encoder = None
+        self._text_cache: dict[str, Tensor] = {}  # first sentence -> its embedding (query_encoder)
 
     # ---- the table -----------------------------------------------------------------------------
     def _entry_tokens(self, entry) -> tuple[list[int], list[int], int]:
@@ -172,7 +179,14 @@ class PlugLMReader(MemoryReader):
     def prompts(self, prompts: Sequence[str]) -> PromptBatch:
         table = self._ready(fresh=True)  # inference reads keys of the weights it runs with
         ids = self.tokenizer.encode_batch(list(prompts), bos=True)
-        memory = MemoryContext(inputs=PlugInputs(table))
+        inputs = PlugInputs(table)
+        if self.options.query_encoder:
+            # generation left-pads: each row's mask ends where its prompt ends
+            L = max((len(r) for r in ids), default=0)
+            marks = [[False] * (L - len(r)) + m for r, m in zip(ids, self._read_marks(prompts, ids))]
+            inputs.text, inputs.text_mask = self._embed(prompts), torch.tensor(marks, dtype=torch.bool)
+            inputs = inputs.to(table.ids.device)
+        memory = MemoryContext(inputs=inputs)
         return PromptBatch(token_ids=ids, memory=memory, used=[[] for _ in ids], scores=[[] for _ in ids])
 
     # ---- training ------------------------------------------------------------------------------
@@ -186,10 +200,11 @@ class PlugLMReader(MemoryReader):
             self._keys_fresh = False  # the weights move from here on
             self._steps += 1
         swap = self.options.swap_prob if train and rng is not None else 0.0
-        rows, golds, used, overrides = [], [], [], []
+        rows, golds, used, overrides, swapped = [], [], [], [], []
         for text in texts:
             entries = self._subject_entries(text)
             subs = self._swaps(entries, rng, swap) if swap > 0 else {}
+            swapped.append(subs)
             text = _substitute(text, subs)
             ids, gold = self._tokenise(text, entries, subs)
             rows.append(ids)
@@ -198,11 +213,18 @@ class PlugLMReader(MemoryReader):
             overrides.append([(r, self._value_ids(e, subs)) for r, e in entries if e.object in subs])
         batch = self.collate(rows, [1] * len(rows), used=used)
         B, T = batch.input_ids.shape
+        text = text_mask = None
+        if self.options.query_encoder:
+            texts = [_substitute(t, s) for t, s in zip(texts, swapped)]
+            text_mask = torch.zeros(B, T, dtype=torch.bool)
+            for i, m in enumerate(self._read_marks(texts, rows)):
+                text_mask[i] = torch.tensor((m + [True] * T)[:T])
+            text = self._embed(texts)
         gold = torch.full((B, T), -1, dtype=torch.long)
         for i, g in enumerate(golds):
             g = g[1 : T + 1]  # position t is labelled with the entry of token t + 1 (its target)
             gold[i, : len(g)] = torch.tensor(g, dtype=torch.long)
-        inputs = PlugInputs(table, gold.to(table.ids.device))
+        inputs = PlugInputs(table, gold, text=text, text_mask=text_mask).to(table.ids.device)
         J = max(len(o) for o in overrides)
         if J:
             pad = self.tokenizer.pad_id
@@ -220,6 +242,41 @@ class PlugLMReader(MemoryReader):
             )
         batch.memory = MemoryContext(inputs=inputs)
         return batch
+
+    # ---- the query encoder's text (query_encoder) -------------------------------------------------
+    def _embed(self, texts: Sequence[str]) -> Tensor:
+        """(B, E) the query encoder's embeddings of each text's first sentence or line (cached by that text)."""
+        from memlm.model.memory.rag import query_text
+
+        if self._text_encoder is None:
+            from memlm.encode import load_encoder
+
+            self._text_encoder = load_encoder(self.options.query_encoder)
+            if self._text_encoder.dim != self.options.query_encoder_dim:
+                raise ConfigError(
+                    f"model.memory_options.query_encoder {self.options.query_encoder!r} gives "
+                    f"{self._text_encoder.dim}-d embeddings, query_encoder_dim is {self.options.query_encoder_dim}"
+                )
+        queries = [query_text(t) for t in texts]
+        todo = list(dict.fromkeys(q for q in queries if q not in self._text_cache))
+        if todo:
+            if len(self._text_cache) > 200_000:  # swapped objects make new first sentences: stay bounded
+                self._text_cache.clear()
+            vecs = torch.from_numpy(self._text_encoder.encode(todo)).float()
+            self._text_cache.update(zip(todo, vecs))
+        return torch.stack([self._text_cache[q] for q in queries])
+
+    def _read_marks(self, texts: Sequence[str], rows: Sequence[Sequence[int]]) -> list[list[bool]]:
+        """Per text, per token of its row (BOS first): has this position read the whole first sentence or
+        line? Counted on the query's own tokens: byte-level BPE never merges across the sentence end."""
+        from memlm.model.memory.rag import query_text
+
+        marks = []
+        for text, row in zip(texts, rows):
+            q = query_text(text)
+            n = len(self.tokenizer.encode(q)) if q.strip() else len(row)  # BOS + n tokens: position n
+            marks.append([t >= n for t in range(len(row))])
+        return marks
 
     def _subject_entries(self, text: str) -> list[tuple[int, object]]:
         """(table row, entry) of every triple whose subject is the first bank subject named in ``text``."""
