@@ -30,7 +30,9 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
     class Fake:
         def generate(self, prompts, *, max_new_tokens):
             # Right for the first half of the questions only.
-            return [" " + answers.get(p, "") if i < len(prompts) // 2 else " wrong" for i, p in enumerate(prompts)]
+            return [
+                " " + answers.get(p, "") if i < len(prompts) // 2 else " wrong" for i, p in enumerate(prompts)
+            ]
 
     import memlm.generate
 

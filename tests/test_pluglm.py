@@ -168,6 +168,37 @@ def test_swaps_change_entry_and_text_alike(bios, bank_dir, tokenizer):
     assert new and text.endswith("A: " + new)
 
 
+def test_cue_noise_replaces_cue_words_but_never_the_name_or_the_answer(bios, bank_dir, tokenizer):
+    from memlm.data.pack import IGNORE_INDEX
+
+    texts = [d for d in docs(bios) if d.startswith("Q:")][:3] + [
+        d for d in docs(bios) if not d.startswith("Q:")
+    ][:3]
+    with MemoryBank.open(bank_dir) as bank:
+        plain = load_reader(None, plug_model(swap_prob=0.0), tokenizer, bank=bank).train_batch(
+            texts, rng=random.Random(0)
+        )
+        reader = load_reader(None, plug_model(cue_noise=1.0, swap_prob=0.0), tokenizer, bank=bank)
+        noisy = reader.train_batch(texts, rng=random.Random(0))
+        assert torch.equal(reader.train_batch(texts).input_ids, plain.input_ids)  # no rng (evaluation): none
+    changed = noisy.input_ids != plain.input_ids
+    assert torch.equal(noisy.memory.inputs.gold, plain.memory.inputs.gold)  # objects keep their tokens
+    for b, text in enumerate(texts):
+        subject = reader._subject_entries(text)[0][1].subject
+        first_object = int((plain.memory.inputs.gold[b] >= 0).float().argmax()) + 1  # its first token's index
+        assert changed[b, 1:first_object].any() and not changed[b, first_object:].any()
+        assert subject in tokenizer.decode(noisy.input_ids[b, :first_object].tolist())  # the name is kept
+        # a random token is never a target; the rest are
+        gone = torch.nonzero(changed[b]).flatten()
+        assert (noisy.targets[b, gone - 1] == IGNORE_INDEX).all()
+        kept = torch.nonzero(~changed[b][1:]).flatten()
+        torch.testing.assert_close(noisy.targets[b, kept], plain.targets[b, kept])
+        if text.startswith("Q:"):  # a question: every cue word before the answer line goes, not "A:"
+            question = text.split("\n")[0].replace(subject, "")
+            assert not any(w in tokenizer.decode(noisy.input_ids[b].tolist()) for w in question.split()[1:-1])
+            assert "A:" in tokenizer.decode(noisy.input_ids[b].tolist())
+
+
 @pytest.mark.parametrize("value", ["vector", "tokens"])
 def test_causal_later_tokens_never_change_earlier_logits(bios, bank_dir, tokenizer, value):
     model = plug_model(value=value).eval()

@@ -68,6 +68,11 @@ class PlugLMOptions:
     retrieval_negatives: str = "retrieved"  # retrieved: the top-N | all: every key of the table as well
     teacher_forcing: float = 0.0  # training: share of gold positions whose missed gold takes the last slot
     swap_prob: float = 0.5  # training: share of a sample's triples whose object is swapped (entry and text)
+    cue_noise: float = (
+        0.0  # training: share of the words before a text's first object, in its first sentence or
+    )
+    # line and not its subject's name, replaced by random tokens: the query learns to use whichever cue words
+    # remain, as a question phrased in words the corpus never used leaves it (docs/results_pluglm.md)
     namespaces: list[str] | None = None  # retrieval scope; None: every namespace of the bank
     entry_tokens: int = 32  # an entry's text (or about-text) is cut to this many tokens
     query_encoder: str | None = None  # a memlm.encode spec (minilm): its embedding of the first sentence or
@@ -87,7 +92,7 @@ class PlugLMOptions:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
         if self.read_top_n is not None and self.read_top_n < 1:
             raise ConfigError(f"model.memory_options.read_top_n must be >= 1 or null, got {self.read_top_n}")
-        for name in ("swap_prob", "teacher_forcing"):
+        for name in ("swap_prob", "teacher_forcing", "cue_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.query_encoder is not None and self.key == "parts":

@@ -29,11 +29,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from memlm.data.pack import IGNORE_INDEX
 from memlm.errors import ConfigError
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
+from memlm.tokenizer import SPECIAL_TOKENS
 
 FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
 
@@ -200,19 +202,27 @@ class PlugLMReader(MemoryReader):
             self._keys_fresh = False  # the weights move from here on
             self._steps += 1
         swap = self.options.swap_prob if train and rng is not None else 0.0
-        rows, golds, used, overrides, swapped = [], [], [], [], []
+        noise = self.options.cue_noise if train and rng is not None else 0.0
+        rows, golds, used, overrides, swapped, noised = [], [], [], [], [], []
         for text in texts:
             entries = self._subject_entries(text)
             subs = self._swaps(entries, rng, swap) if swap > 0 else {}
             swapped.append(subs)
             text = _substitute(text, subs)
             ids, gold = self._tokenise(text, entries, subs)
+            if noise > 0 and entries:
+                ids, where = self._cue_noise(text, ids, gold, entries[0][1].subject, rng, noise)
+                noised.append((len(rows), where))
             rows.append(ids)
             golds.append(gold)
             used.append([int(self.table.ids[r]) for r, _ in entries])
             overrides.append([(r, self._value_ids(e, subs)) for r, e in entries if e.object in subs])
         batch = self.collate(rows, [1] * len(rows), used=used)
         B, T = batch.input_ids.shape
+        for i, where in noised:  # a random token is no target
+            for t in where:
+                if 0 < t <= T:
+                    batch.targets[i, t - 1] = IGNORE_INDEX
         text = text_mask = None
         if self.options.query_encoder:
             texts = [_substitute(t, s) for t, s in zip(texts, swapped)]
@@ -277,6 +287,28 @@ class PlugLMReader(MemoryReader):
             n = len(self.tokenizer.encode(q)) if q.strip() else len(row)  # BOS + n tokens: position n
             marks.append([t >= n for t in range(len(row))])
         return marks
+
+    def _cue_noise(
+        self, text: str, ids: list[int], gold: list[int], subject: str, rng: random.Random, p: float
+    ) -> tuple[list[int], list[int]]:
+        """``ids`` with a share ``p`` of the cue tokens replaced by random ones, and where: the tokens after BOS,
+        before the first object's and inside the first sentence or line, the subject's name kept."""
+        from memlm.model.memory.rag import query_text
+
+        tok = self.tokenizer
+        first_object = next((i for i, g in enumerate(gold) if g >= 0), len(ids))
+        end = min(first_object, 1 + len(tok.encode(query_text(text))))
+        keep = set()
+        for name in (tok.encode(" " + subject), tok.encode(subject)):  # after a space, or opening the text
+            for i in range(1, end - len(name) + 1):
+                if ids[i : i + len(name)] == name:
+                    keep.update(range(i, i + len(name)))
+        out, where = list(ids), []
+        for i in range(1, end):
+            if i not in keep and rng.random() < p:
+                out[i] = rng.randrange(len(SPECIAL_TOKENS), tok.vocab_size)  # never a special token
+                where.append(i)
+        return out, where
 
     def _subject_entries(self, text: str) -> list[tuple[int, object]]:
         """(table row, entry) of every triple whose subject is the first bank subject named in ``text``."""
