@@ -68,11 +68,10 @@ class PlugLMOptions:
     retrieval_negatives: str = "retrieved"  # retrieved: the top-N | all: every key of the table as well
     teacher_forcing: float = 0.0  # training: share of gold positions whose missed gold takes the last slot
     swap_prob: float = 0.5  # training: share of a sample's triples whose object is swapped (entry and text)
-    cue_noise: float = (
-        0.0  # training: share of the words before a text's first object, in its first sentence or
-    )
-    # line and not its subject's name, replaced by random tokens: the query learns to use whichever cue words
-    # remain, as a question phrased in words the corpus never used leaves it (docs/results_pluglm.md)
+    # training: share of the words before a text's first object (in its first sentence or line, not its
+    # subject's name) replaced by random tokens: the query learns to use whichever cue words remain, as a
+    # question phrased in words the corpus never used leaves it (docs/results_pluglm.md)
+    cue_noise: float = 0.0
     namespaces: list[str] | None = None  # retrieval scope; None: every namespace of the bank
     entry_tokens: int = 32  # an entry's text (or about-text) is cut to this many tokens
     query_encoder: str | None = None  # a memlm.encode spec (minilm): its embedding of the first sentence or
