@@ -58,8 +58,8 @@ class ExplicitLMOptions:
     key_tokens: int = 16  # the key text is cut to this many tokens
     text_tokens: int = 32  # an entry's text (what is read) is cut to this many tokens (the paper: 16)
     state_next: bool = False  # token states also hold the next token's embedding, so the word before a value
-    # ("works for") names the value's first token; with the previous token's alone the fusion learnt to read a
-    # value's end (the "." after it): first tokens of multi-token values came out wrong (results_explicitlm.md)
+    # ("works for") names the value's first token: one seed's fusion read values from their end (the "." after
+    # them) and this rescued it; another seed read fine without it and worse with it (results_explicitlm.md)
     read_k: int = 1  # entries each token reads (the paper: 1)
     fine_k: int = 8  # coarse candidates the fine stage scores with fresh keys (the paper keeps 16)
     topk_half: int = 8  # sub-keys kept per half
