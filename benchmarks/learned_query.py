@@ -88,12 +88,11 @@ def measure(
         batch = reader.prompts([q["prompt"]])
         model(torch.tensor([batch.token_ids[0]]), memory=batch.memory)
         h = seen["h"].reshape(-1, seen["h"].shape[-1])[-1:]
-        text = None
-        if (
-            getattr(layer, "text_query", None) is not None
-        ):  # PlugLM's query encoder: its term at the last position
+        if getattr(layer, "text_query", None) is not None:  # PlugLM's query encoder: its term, last position
             text = layer._text_term(batch.memory.inputs, seen["h"].shape[1])[0, -1:]
-        query = (layer.retrieval_query(h) if text is None else layer.retrieval_query(h, text)).float()
+            query = layer.retrieval_query(h, text).float()
+        else:
+            query = layer.retrieval_query(h).float()
         if design != "explicitlm":
             table = batch.memory.inputs.table
             keys, alive, bank_ids = table.keys, torch.ones(len(table), dtype=torch.bool), table.ids

@@ -308,12 +308,16 @@ class EntryTable:
 
 def fresh_keys(encoder: EntryEncoder, embed: nn.Embedding, table: EntryTable, rows: Tensor) -> Tensor:
     """(U,) table rows -> (U, key_dim) keys with gradient: slots' learned keys, entries' encoded key texts."""
-    split = (lambda r: None) if table.key_split is None else (lambda r: table.key_split[r])  # noqa: E731
+
+    def encoded(r: Tensor) -> Tensor:
+        split = None if table.key_split is None else table.key_split[r]
+        return encoder.keys(table.key_tokens[r], embed, table.pad_id, split)
+
     if not table.M:
-        return encoder.keys(table.key_tokens[rows], embed, table.pad_id, split(rows))
+        return encoded(rows)
     slot = rows < table.M
     keys = torch.zeros(len(rows), encoder.key_dim, device=rows.device)
-    keys[~slot] = encoder.keys(table.key_tokens[rows[~slot]], embed, table.pad_id, split(rows[~slot]))
+    keys[~slot] = encoded(rows[~slot])
     keys[slot] = F.normalize(encoder.implicit.keys[rows[slot]], dim=-1)
     return keys
 

@@ -34,8 +34,8 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
+from memlm.model.memory.rag import query_text
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
-from memlm.tokenizer import SPECIAL_TOKENS
 
 FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
 
@@ -153,10 +153,9 @@ class PlugLMReader(MemoryReader):
         """Recompute every key from the current encoder (a new table version); returns the seconds it took."""
         t0 = time.perf_counter()
         enc, t = self.model.memory, self.table
-        split = (lambda i: None) if t.key_split is None else (lambda i: t.key_split[i : i + 8192])  # noqa: E731
         keys = [
-            enc.keys(t.key_tokens[i : i + 8192], t.key_len[i : i + 8192], split(i))
-            for i in range(0, len(t), 8192)
+            enc.keys(t.key_tokens[j], t.key_len[j], None if t.key_split is None else t.key_split[j])
+            for j in (slice(i, i + 8192) for i in range(0, len(t), 8192))
         ]
         t.set_keys(torch.cat(keys) if keys else t.keys)
         self._keys_fresh = True
@@ -185,8 +184,10 @@ class PlugLMReader(MemoryReader):
         if self.options.query_encoder:
             # generation left-pads: each row's mask ends where its prompt ends
             L = max((len(r) for r in ids), default=0)
-            marks = [[False] * (L - len(r)) + m for r, m in zip(ids, self._read_marks(prompts, ids))]
-            inputs.text, inputs.text_mask = self._embed(prompts), torch.tensor(marks, dtype=torch.bool)
+            mask = torch.zeros(len(ids), L, dtype=torch.bool)
+            for i, (prompt, row) in enumerate(zip(prompts, ids)):
+                mask[i, L - len(row) + self._question_end(prompt, len(row)) :] = True
+            inputs.text, inputs.text_mask = self._embed(prompts), mask
             inputs = inputs.to(table.ids.device)
         memory = MemoryContext(inputs=inputs)
         return PromptBatch(token_ids=ids, memory=memory, used=[[] for _ in ids], scores=[[] for _ in ids])
@@ -207,8 +208,8 @@ class PlugLMReader(MemoryReader):
         for text in texts:
             entries = self._subject_entries(text)
             subs = self._swaps(entries, rng, swap) if swap > 0 else {}
-            swapped.append(subs)
             text = _substitute(text, subs)
+            swapped.append(text)
             ids, gold = self._tokenise(text, entries, subs)
             if noise > 0 and entries:
                 ids, where = self._cue_noise(text, ids, gold, entries[0][1].subject, rng, noise)
@@ -225,11 +226,10 @@ class PlugLMReader(MemoryReader):
                     batch.targets[i, t - 1] = IGNORE_INDEX
         text = text_mask = None
         if self.options.query_encoder:
-            texts = [_substitute(t, s) for t, s in zip(texts, swapped)]
             text_mask = torch.zeros(B, T, dtype=torch.bool)
-            for i, m in enumerate(self._read_marks(texts, rows)):
-                text_mask[i] = torch.tensor((m + [True] * T)[:T])
-            text = self._embed(texts)
+            for i, (t, row) in enumerate(zip(swapped, rows)):
+                text_mask[i, self._question_end(t, len(row)) :] = True
+            text = self._embed(swapped)
         gold = torch.full((B, T), -1, dtype=torch.long)
         for i, g in enumerate(golds):
             g = g[1 : T + 1]  # position t is labelled with the entry of token t + 1 (its target)
@@ -256,8 +256,6 @@ class PlugLMReader(MemoryReader):
     # ---- the query encoder's text (query_encoder) -------------------------------------------------
     def _embed(self, texts: Sequence[str]) -> Tensor:
         """(B, E) the query encoder's embeddings of each text's first sentence or line (cached by that text)."""
-        from memlm.model.memory.rag import query_text
-
         if self._text_encoder is None:
             from memlm.encode import load_encoder
 
@@ -276,28 +274,21 @@ class PlugLMReader(MemoryReader):
             self._text_cache.update(zip(todo, vecs))
         return torch.stack([self._text_cache[q] for q in queries])
 
-    def _read_marks(self, texts: Sequence[str], rows: Sequence[Sequence[int]]) -> list[list[bool]]:
-        """Per text, per token of its row (BOS first): has this position read the whole first sentence or
-        line? Counted on the query's own tokens: byte-level BPE never merges across the sentence end."""
-        from memlm.model.memory.rag import query_text
-
-        marks = []
-        for text, row in zip(texts, rows):
-            q = query_text(text)
-            n = len(self.tokenizer.encode(q)) if q.strip() else len(row)  # BOS + n tokens: position n
-            marks.append([t >= n for t in range(len(row))])
-        return marks
+    def _question_end(self, text: str, row_len: int) -> int:
+        """The position (BOS = 0) of the last token of ``text``'s first sentence or line in its token row of
+        ``row_len``: from there on a position has read it (``row_len`` for a blank one: none has). Counted on
+        the sentence's own tokens: byte-level BPE never merges across the sentence end."""
+        q = query_text(text)
+        return len(self.tokenizer.encode(q)) if q.strip() else row_len
 
     def _cue_noise(
         self, text: str, ids: list[int], gold: list[int], subject: str, rng: random.Random, p: float
     ) -> tuple[list[int], list[int]]:
         """``ids`` with a share ``p`` of the cue tokens replaced by random ones, and where: the tokens after BOS,
         before the first object's and inside the first sentence or line, the subject's name kept."""
-        from memlm.model.memory.rag import query_text
-
         tok = self.tokenizer
         first_object = next((i for i, g in enumerate(gold) if g >= 0), len(ids))
-        end = min(first_object, 1 + len(tok.encode(query_text(text))))
+        end = min(first_object, 1 + self._question_end(text, 0))  # a blank first line: no cue words
         keep = set()
         for name in (tok.encode(" " + subject), tok.encode(subject)):  # after a space, or opening the text
             for i in range(1, end - len(name) + 1):
@@ -306,7 +297,7 @@ class PlugLMReader(MemoryReader):
         out, where = list(ids), []
         for i in range(1, end):
             if i not in keep and rng.random() < p:
-                out[i] = rng.randrange(len(SPECIAL_TOKENS), tok.vocab_size)  # never a special token
+                out[i] = self.random_token(rng)
                 where.append(i)
         return out, where
 

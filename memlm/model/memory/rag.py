@@ -33,7 +33,7 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import MemoryDesign
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch
 from memlm.model.memory.registry import register_memory_design
-from memlm.tokenizer import MEM, SPECIAL_TOKENS
+from memlm.tokenizer import MEM
 
 _SENTENCE_END = re.compile(r"[.?!](?=\s|$)|\n")
 _INITIAL = re.compile(r"(?:\w\.)*[A-Z]")  # "L" of "Ada L. Byron", "U.S" of "U.S."
@@ -314,4 +314,4 @@ class RAGReader(MemoryReader):
     def _noise(self, token: int, rng: random.Random) -> int:
         if rng.random() >= self.options.query_noise:
             return token
-        return rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)  # never a special token
+        return self.random_token(rng)

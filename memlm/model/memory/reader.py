@@ -122,6 +122,12 @@ class MemoryReader:
         ids = self.tokenizer.encode_batch(list(prompts), bos=True)
         return PromptBatch(token_ids=ids, used=[[] for _ in ids], scores=[[] for _ in ids])
 
+    def random_token(self, rng: random.Random) -> int:
+        """A uniformly random vocabulary id that is never a special token (training noise)."""
+        from memlm.tokenizer import SPECIAL_TOKENS
+
+        return rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)
+
     def decode_steps(self, max_new_tokens: int) -> int:
         """Decoding steps for an answer of ``max_new_tokens`` text tokens: more where a design writes tokens
         that are not answer text (LMLM's lookups), so they do not eat the answer's budget."""
