@@ -481,3 +481,62 @@ def test_query_encoder_joins_the_query_only_after_the_question_is_read(bios, ban
         load_reader(
             None, plug_model(query_encoder="hashing", query_encoder_dim=8), tokenizer, bank=bank
         ).prompts(prompts)
+
+
+def test_query_route_search_retrieves_by_the_text_once_it_is_read(bios, bank_dir, tokenizer, tmp_path):
+    """``query_route: search``: positions that have read the text retrieve its encoder's top N over that encoder's
+    vectors of the entries' keys, scored by that similarity; earlier positions keep the learnt query, which
+    alone is taught by the retrieval loss; edits reach the text keys."""
+    from memlm.encode import load_encoder
+    from memlm.model.memory.pluglm_reader import about_text
+
+    shutil.copytree(bank_dir, tmp_path / "bank")
+    encoder = load_encoder("hashing")
+    model = plug_model(query_encoder="hashing", query_route="search").train()
+    assert model.blocks[1].memory.text_query is None  # no learnt term: the text retrieves as it is
+    texts = docs(bios)[:6]
+    with MemoryBank.open(tmp_path / "bank") as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.train_batch(texts, rng=random.Random(0))
+        table, inputs = reader.table, batch.memory.inputs
+        want_keys = encoder.encode([about_text(e) for e in bank.get_many(table.ids.tolist())])
+        torch.testing.assert_close(table.text_keys, torch.from_numpy(want_keys))
+        sims = inputs.text @ table.text_keys.T  # (B, M)
+        top = table.ids[sims.topk(N, dim=-1).indices]  # (B, N): the text's own search, exact
+        layer = model.blocks[1].memory
+        seen = []
+        hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        model.eval()
+        with torch.no_grad():
+            out = model(batch.input_ids, memory=batch.memory).retrieval
+            hook.remove()
+            learnt = table.search(layer.retrieval_query(seen[0]).flatten(0, 1), N).view(*seen[0].shape[:2], N)
+        read = inputs.text_mask
+        assert read.any() and (~read).any()
+        got = out.retrieved_ids  # (B, T, N)
+        assert torch.equal(got[read], top[:, None, :].expand(*read.shape, N)[read])
+        best = sims.topk(N, dim=-1).values[:, None, :].expand(*read.shape, N)
+        torch.testing.assert_close(out.retrieved_scores[read], best[read])
+        assert torch.equal(got[~read], table.ids[learnt[~read]])
+
+        # The retrieval loss teaches the learnt query only: golds after the text add none of it.
+        model.train()
+        gold = inputs.gold.clone()
+        for where, loss in ((read, False), (~read, True)):  # golds kept: after the text, before it
+            inputs.gold, batch.memory.aux_losses = gold.masked_fill(~where, -1), {}
+            assert (inputs.gold >= 0).any()
+            model(batch.input_ids, memory=batch.memory)
+            assert ("pluglm_retrieval" in batch.memory.aux_losses) == loss
+
+        # A prompt reads the entry its question is about; deleted, that entry is gone from the text search too.
+        model.eval()
+        prompt = "Q: Where was Laura F. Glenholm born?\nA:"
+        first = Generator(model, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
+        q = torch.from_numpy(encoder.encode(["Q: Where was Laura F. Glenholm born?"])[0])
+        want = int(table.ids[(table.text_keys @ q).argmax()])
+        assert want in first.retrieved
+        bank.delete([want])
+        again = Generator(model, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
+        assert want not in again.retrieved and want not in reader.table.ids.tolist()
+    with pytest.raises(ConfigError, match="query_route"):
+        plug_model(query_route="search")

@@ -25,7 +25,11 @@ What memlm does differently:
   phrased with words it never saw (bios, held-out phrasings: docs/results_pluglm.md). ``query_encoder`` (a
   :mod:`memlm.encode` spec, e.g. ``minilm``) adds a learnt projection of that encoder's embedding of the text's
   first sentence or line (a prompt's question) to the query of every position after it; earlier positions
-  never see it (causal). Off by default: the paper's query.
+  never see it (causal). Off by default: the paper's query. ``query_route: search`` goes further: positions
+  that have read the text retrieve by it, with that encoder's vectors of the entries' keys (RAG's search, over
+  the same table, namespaces and edits), and the ``beta_h * cos`` bias takes that similarity; the learnt query
+  retrieves at every other position. A question in words the corpus never used then reaches the right entry
+  as often as RAG's does, and what the layer adds is PlugLM's own: reading the entry inside the FFN.
 - An auxiliary retrieval loss teaches the query where the data knows the gold entry (the entry whose object
   the position is about to predict): cross-entropy of the gold key against the retrieved ones (``aux_weight``).
 """
@@ -77,10 +81,15 @@ class PlugLMOptions:
     query_encoder: str | None = None  # a memlm.encode spec (minilm): its embedding of the first sentence or
     # line joins the query of the positions after it; None: the query is the hidden state's alone (paper)
     query_encoder_dim: int = 384  # that encoder's output width (minilm: 384)
+    # add: a learnt projection of the text's embedding joins the learnt query | search: positions that have
+    # read the text retrieve by it, as RAG does (that encoder's embedding against the same encoder's vectors of
+    # the entries' keys); the learnt query retrieves everywhere else
+    query_route: str = "add"
 
     def __post_init__(self) -> None:
         choices = {"key": ("about", "text", "parts"), "value": ("vector", "tokens"), "encoder": ("shared", "own"),
-                   "index": ("auto", "exact", "faiss"), "retrieval_negatives": ("retrieved", "all")}  # fmt: skip
+                   "index": ("auto", "exact", "faiss"), "retrieval_negatives": ("retrieved", "all"),
+                   "query_route": ("add", "search")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -94,6 +103,8 @@ class PlugLMOptions:
         for name in ("swap_prob", "teacher_forcing", "cue_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.query_route == "search" and self.query_encoder is None:
+            raise ConfigError("model.memory_options.query_route: search needs a query_encoder (e.g. minilm)")
         if self.query_encoder is not None and self.key == "parts":
             raise ConfigError("model.memory_options.query_encoder works with key: about or text, not parts")
         if self.aux_weight < 0 or self.temperature <= 0:
@@ -225,9 +236,10 @@ class KnowledgeAttention(nn.Module):
         self, *, n_embd: int, n_head: int, key_dim: int, top_n: int, value: str, beta_init: float,
         temperature: float, aux_weight: float, encoder: KnowledgeEncoder, teacher_forcing: float = 0.0,
         retrieval_negatives: str = "retrieved", read_top_n: int | None = None, parts: bool = False,
-        text_dim: int | None = None,
+        text_dim: int | None = None, text_search: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.text_search = text_search  # query_route: search (text_dim then adds no learnt term)
         self.n_head, self.top_n, self.value, self.teacher_forcing = n_head, top_n, value, teacher_forcing
         self.read_top_n = read_top_n
         self.retrieval_negatives = retrieval_negatives
@@ -236,7 +248,8 @@ class KnowledgeAttention(nn.Module):
         self.query = nn.Linear(n_embd, key_halves(key_dim)[0] if parts else key_dim)
         self.relation_query = nn.Linear(n_embd, key_halves(key_dim)[1]) if parts else None
         # query_encoder: zero-initialised, so training starts from the hidden state's query alone
-        self.text_query = None if text_dim is None else nn.Linear(text_dim, key_dim, bias=False)
+        learnt = text_dim is not None and not text_search
+        self.text_query = nn.Linear(text_dim, key_dim, bias=False) if learnt else None
         if self.text_query is not None:
             nn.init.zeros_(self.text_query.weight)
         self.wq = nn.Linear(n_embd, n_embd, bias=False)
@@ -264,6 +277,11 @@ class KnowledgeAttention(nn.Module):
         N = min(n, len(table))
         q = self.retrieval_query(h, self._text_term(inputs, T))  # (B, T, dk): from tokens <= t only
         rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
+        read = self._text_mask(inputs, T) if self.text_search else None  # (B, T): retrieve by the text
+        gold = inputs.gold
+        if read is not None:
+            rows = torch.where(read[..., None], table.search_text(inputs.text, N)[:, None, :], rows)
+            gold = None if gold is None else gold.masked_fill(read, -1)  # nothing to teach the learnt query
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
             # Teacher forcing: where the search missed the gold entry, it takes the last slot, so reading is
             # learnt while retrieval is still poor (an 800-step run found the gold half the time and read
@@ -277,7 +295,7 @@ class KnowledgeAttention(nn.Module):
             rows = torch.cat([rows[..., :-1], torch.where(force, g, rows[..., -1])[..., None]], -1)
 
         # Re-encode the retrieved (and gold) entries with gradient, once each.
-        gold = inputs.gold if self.training and self.aux_weight > 0 else None
+        gold = gold if self.training and self.aux_weight > 0 else None
         wanted = rows.reshape(-1) if gold is None else torch.cat([rows.reshape(-1), gold[gold >= 0]])
         uniq, inv = torch.unique(wanted, return_inverse=True)
         if self.training:  # re-encoded with gradient (the paper); inference reads the table's fresh keys
@@ -297,6 +315,9 @@ class KnowledgeAttention(nn.Module):
             own = len(uniq) + torch.arange(B, device=h.device)[:, None, None] * J + j
             slot = torch.where(hit.any(-1), own, slot)
         s = torch.einsum("btk,btnk->btn", q, keys[inv[: B * T * N]].view(B, T, N, -1))  # (B, T, N) cosine
+        if read is not None:  # where the text retrieved, its similarity is the bias (fixed: nothing to learn)
+            s_text = torch.einsum("be,btne->btn", inputs.text.to(s.dtype), table.text_keys[rows].to(s.dtype))
+            s = torch.where(read[..., None], s_text, s)
 
         H, d = self.n_head, C // self.n_head
         qh = self.wq(h).view(B, T, H, d)
@@ -348,17 +369,22 @@ class KnowledgeAttention(nn.Module):
         return join_halves(q, self.relation_query(h))
 
     def _text_term(self, inputs: PlugInputs, T: int) -> Tensor | None:
-        """(B, T, key_dim): the projected text embedding at positions that have read the whole text, else 0.
-        The mask is aligned with the row's end, so a cached decoding step (T = 1) takes its last column: once
-        a prompt is read, every later position has read its question."""
+        """(B, T, key_dim): the projected text embedding at positions that have read the whole text, else 0."""
         if self.text_query is None:
             return None
+        mask = self._text_mask(inputs, T).to(inputs.text.dtype)
+        return self.text_query(inputs.text)[:, None, :] * mask[..., None]
+
+    @staticmethod
+    def _text_mask(inputs: PlugInputs, T: int) -> Tensor:
+        """(B, T) bool: the positions that have read the whole text. Aligned with the row's end, so a cached
+        decoding step (T = 1) takes the last column: once a prompt is read, every later position has read it."""
         if inputs.text is None or inputs.text_mask is None:
             raise ValueError("this PlugLM reads a query encoder: the reader must hand it text and text_mask")
-        mask = inputs.text_mask[:, -T:].to(inputs.text.dtype)
+        mask = inputs.text_mask[:, -T:]
         if mask.shape[1] != T:
             raise ValueError(f"text_mask covers {mask.shape[1]} positions, the input {T}")
-        return self.text_query(inputs.text)[:, None, :] * mask[..., None]
+        return mask
 
     def _vocab_tables(self, H: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per vocabulary id: key as a token, key as a predecessor, value; each (V, H, d).
@@ -442,6 +468,7 @@ class PlugLM(MemoryDesign):
             beta_init=o.beta_init, temperature=o.temperature, aux_weight=o.aux_weight, encoder=self._encoder,
             teacher_forcing=o.teacher_forcing, retrieval_negatives=o.retrieval_negatives, read_top_n=o.read_top_n,
             parts=o.key == "parts", text_dim=o.query_encoder_dim if o.query_encoder else None,
+            text_search=bool(o.query_encoder) and o.query_route == "search",
         )  # fmt: skip
         return LayerHooks(ffn_branch=branch, replace_ffn=o.replace_ffn)
 

@@ -16,7 +16,9 @@ of the retrieval loss). Every token after BOS is a target: retrieval is per posi
 
 With ``query_encoder``, each text's first sentence or line (a prompt's question: RAG's query,
 :func:`memlm.model.memory.rag.query_text`) is embedded by that encoder, after the swaps, and the positions from
-its last token on are marked as having read it.
+its last token on are marked as having read it. ``query_route: search`` also gives the table that encoder's
+vectors of the entries' keys (from the bank's vector cache, which RAG's retriever fills with the same encoder
+and key), rebuilt with the table whenever the bank changes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import re
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,7 +51,8 @@ def about_text(entry) -> str:
 
 
 class KeyTable:
-    """Every entry in scope: ids (M,), key/value token ids (M, L) PAD-padded with lengths, keys (M, key_dim)."""
+    """Every entry in scope: ids (M,), key/value token ids (M, L) PAD-padded with lengths, keys (M, key_dim);
+    with ``query_route: search`` also ``text_keys`` (M, E), the query encoder's vectors of the same keys."""
 
     def __init__(
         self, *, ids: Tensor, key_tokens: Tensor, key_len: Tensor, value_tokens: Tensor, value_len: Tensor,
@@ -61,12 +65,24 @@ class KeyTable:
         self.keys = torch.zeros(len(ids), key_dim, device=ids.device)
         self.version = 0  # full key refreshes so far
         self._faiss = None
+        self.text_keys: Tensor | None = None
+        self._text_faiss = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device: torch.device) -> KeyTable:
-        for name in ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys", "key_split"):
+        names = (
+            "ids",
+            "key_tokens",
+            "key_len",
+            "value_tokens",
+            "value_len",
+            "keys",
+            "key_split",
+            "text_keys",
+        )
+        for name in names:
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -75,24 +91,46 @@ class KeyTable:
         """Install a full key matrix (M, key_dim): a new version; the FAISS index is rebuilt from it."""
         self.keys = keys.detach().to(self.ids.device, torch.float32)
         self.version += 1
-        self._faiss = None
+        self._faiss = self._index(self.keys)
+
+    def set_text_keys(self, keys: Tensor) -> None:
+        """Install the query encoder's vectors of the entries' keys (M, E), row for row with ``ids``."""
+        if keys.shape[0] != len(self):
+            raise ValueError(f"{keys.shape[0]} text keys for a table of {len(self)} entries")
+        self.text_keys = keys.detach().to(self.ids.device, torch.float32)
+        self._text_faiss = self._index(self.text_keys)
+
+    def _index(self, keys: Tensor):
         if self.index == "faiss" or (self.index == "auto" and len(self) >= FAISS_FROM):
             from memlm.index.faiss_index import _faiss
 
-            faiss = _faiss()
-            self._faiss = faiss.IndexFlatIP(self.keys.shape[1])
-            self._faiss.add(self.keys.cpu().numpy())
+            index = _faiss().IndexFlatIP(keys.shape[1])
+            index.add(keys.cpu().numpy())
+            return index
+        return None
 
-    @torch.no_grad()
     def search(self, queries: Tensor, n: int) -> Tensor:
         """queries (Q, key_dim) -> table rows (Q, n) of the largest inner products, best first."""
-        if self._faiss is not None:
-            _, rows = self._faiss.search(queries.float().cpu().numpy(), n)
-            return torch.from_numpy(rows).to(queries.device)
-        out = []
-        for chunk in queries.float().split(4096):  # bounds the (chunk, M) score matrix
-            out.append((chunk @ self.keys.T).topk(n, dim=-1).indices)
-        return torch.cat(out) if out else torch.zeros(0, n, dtype=torch.long, device=queries.device)
+        return _top_n(queries, self.keys, self._faiss, n)
+
+    def search_text(self, queries: Tensor, n: int) -> Tensor:
+        """Query encoder embeddings (Q, E) -> table rows (Q, n) of the most similar ``text_keys``."""
+        if self.text_keys is None:
+            raise ValueError("this key table has no text keys (query_route: search sets them)")
+        return _top_n(queries, self.text_keys, self._text_faiss, n)
+
+
+@torch.no_grad()
+def _top_n(queries: Tensor, keys: Tensor, faiss_index, n: int) -> Tensor:
+    """Rows of ``keys`` with the n largest inner products per query, best first: FAISS where it indexes them,
+    else exact torch (the same top-n, tests/test_pluglm.py)."""
+    if faiss_index is not None:
+        _, rows = faiss_index.search(queries.float().cpu().numpy(), n)
+        return torch.from_numpy(rows).to(queries.device)
+    out = []
+    for chunk in queries.float().split(4096):  # bounds the (chunk, M) score matrix
+        out.append((chunk @ keys.T).topk(n, dim=-1).indices)
+    return torch.cat(out) if out else torch.zeros(0, n, dtype=torch.long, device=queries.device)
 
 
 class PlugLMReader(MemoryReader):
@@ -143,6 +181,8 @@ class PlugLMReader(MemoryReader):
             pad_id=pad, key_dim=self.options.key_dim, index=self.options.index,
             key_split=torch.tensor([n for _, _, n in toks]) if self.options.key == "parts" else None,
         ).to(device)  # fmt: skip
+        if self.options.query_route == "search":
+            self.table.set_text_keys(self._text_keys(entries))
         self._entries = entries
         self._subject_re = None
         self._keys_fresh = False
@@ -254,8 +294,8 @@ class PlugLMReader(MemoryReader):
         return batch
 
     # ---- the query encoder's text (query_encoder) -------------------------------------------------
-    def _embed(self, texts: Sequence[str]) -> Tensor:
-        """(B, E) the query encoder's embeddings of each text's first sentence or line (cached by that text)."""
+    @property
+    def text_encoder(self):
         if self._text_encoder is None:
             from memlm.encode import load_encoder
 
@@ -265,12 +305,36 @@ class PlugLMReader(MemoryReader):
                     f"model.memory_options.query_encoder {self.options.query_encoder!r} gives "
                     f"{self._text_encoder.dim}-d embeddings, query_encoder_dim is {self.options.query_encoder_dim}"
                 )
+        return self._text_encoder
+
+    def _text_keys(self, entries) -> Tensor:
+        """(M, E) the query encoder's vectors of the entries' keys (``key: about``: "subject relation"), from
+        the bank's vector cache (RAG's, when it searches with the same encoder and key; synced here unless the
+        bank is read-only), anything it lacks encoded in memory."""
+        from memlm.bank.vectors import VectorCache
+
+        ids = [e.id for e in entries]
+        cache = VectorCache(self.bank, self.text_encoder, key=self.options.key)
+        if not self.bank.readonly:
+            cache.sync(ids)
+        found, vecs, _ = cache.fetch(ids)
+        have = dict(zip(found.tolist(), vecs))
+        todo = [e for e in entries if e.id not in have]
+        if todo:
+            texts = [about_text(e) if self.options.key == "about" else e.text for e in todo]
+            have.update(zip((e.id for e in todo), self.text_encoder.encode(texts)))
+        if not ids:
+            return torch.zeros(0, self.text_encoder.dim)
+        return torch.from_numpy(np.stack([have[i] for i in ids]))
+
+    def _embed(self, texts: Sequence[str]) -> Tensor:
+        """(B, E) the query encoder's embeddings of each text's first sentence or line (cached by that text)."""
         queries = [query_text(t) for t in texts]
         todo = list(dict.fromkeys(q for q in queries if q not in self._text_cache))
         if todo:
             if len(self._text_cache) > 200_000:  # swapped objects make new first sentences: stay bounded
                 self._text_cache.clear()
-            vecs = torch.from_numpy(self._text_encoder.encode(todo)).float()
+            vecs = torch.from_numpy(self.text_encoder.encode(todo)).float()
             self._text_cache.update(zip(todo, vecs))
         return torch.stack([self._text_cache[q] for q in queries])
 
