@@ -69,6 +69,17 @@ def test_data_bios_and_eval_qa_with_a_fake_model(tmp_path, monkeypatch, capsys):
     assert [p["fact_id"] for p in rephrased] == [json.loads(x)["fact_id"] for x in asked_lines]
     assert not {p["prompt"] for p in rephrased} & set(asked[0])
     assert json.loads((tmp_path / "s" / "qa_unseen_train.json").read_text())["phrasing"] == "train"
+    # --phrasing FILE: templates of one's own, written under the file's name
+    mine = tmp_path / "novel.json"
+    relations = {p["relation"] for p in rephrased}
+    mine.write_text(json.dumps({rel: ["Pray tell, {s}: " + rel + "?"] for rel in relations}))
+    assert main([*args, "--out", str(tmp_path / "s"), "--phrasing", str(mine)]) == 0
+    lines = (tmp_path / "s" / "qa_unseen_novel_predictions.jsonl").read_text().splitlines()
+    novel = [json.loads(line) for line in lines]
+    assert [p["fact_id"] for p in novel] == [p["fact_id"] for p in rephrased]
+    assert all(
+        p["prompt"] == f"Q: Pray tell, {p['prompt'][14:].split(':')[0]}: {p['relation']}?\nA:" for p in novel
+    )
 
 
 def test_ingest_error_is_one_line_and_writes_nothing(tmp_path, capsys):

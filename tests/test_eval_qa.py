@@ -166,9 +166,36 @@ def test_rephrase_asks_the_same_questions_in_the_corpus_phrasing(data_dir):
     )
     with pytest.raises(InputError) as err:
         rephrase(records, data_dir / "qa", "train")  # a folder without meta.json
-    assert err.value.field == "templates" and "meta.json" in str(err.value)
-    with pytest.raises(ValueError):
-        rephrase(records, data_dir, "other")
+    assert err.value.field == "templates.train_questions" and "meta.json" in str(err.value)
+    with pytest.raises(InputError) as err:
+        rephrase(records, data_dir, "other")  # neither eval, train nor a file
+    assert "other" in str(err.value)
+
+
+def test_rephrase_with_templates_of_ones_own(data_dir, tmp_path):
+    """A JSON file of templates phrases the same questions in words neither the repository nor the corpus has."""
+    records = load_qa(data_dir, "unseen")
+    mine = {
+        rel: [f"Tell me, for {{s}}, the {rel} ({i})?" for i in range(3)] for rel in TEMPLATES.eval_questions
+    }
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(mine))
+    asked = rephrase(records, data_dir, str(path))
+    assert [(r.fact_id, r.answer, r.template) for r in asked] == [
+        (r.fact_id, r.answer, r.template % 3) for r in records
+    ]
+    assert all(
+        r.prompt == f"Q: Tell me, for {r.subject}, the {r.relation} ({r.template})?\nA:" for r in asked
+    )
+    for bad, field in (
+        ({**mine, "major": ["What did they study?"]}, "major"),  # no {s}: whose question?
+        (["Who employs {s}?"], "templates"),
+        ({k: v for k, v in mine.items() if k != "employer"}, "templates"),  # a relation asked has none
+    ):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(InputError) as err:
+            rephrase(records, data_dir, str(path))
+        assert err.value.field == field and "mine.json" in str(err.value)
 
 
 def test_per_phrasing_scores_each_template_apart(data_dir):

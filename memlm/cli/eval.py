@@ -44,10 +44,10 @@ def register(subparsers) -> None:
     )
     qa.add_argument(
         "--phrasing",
-        choices=("eval", "train"),
         default="eval",
         help="eval: the held-out question templates (the QA files); train: the same questions phrased as the "
-        "corpus's drills, to tell an unseen phrasing from an unseen person (output qa_{split}_train)",
+        "corpus's drills, to tell an unseen phrasing from an unseen person (output qa_{split}_train); or a JSON "
+        'file of your own templates, {"relation": ["Who employs {s}?", ...]} (output qa_{split}_{file stem})',
     )
     qa.set_defaults(func=run_qa)
     edit = sub.add_parser(
@@ -90,7 +90,8 @@ def run_qa(args) -> int:
     meta = {"model": str(args.model), "data": str(args.data), "split": args.split, "memory_options": options}
     meta["bank"] = None if bank is None else str(bank.path)
     meta["phrasing"] = args.phrasing
-    name = f"qa_{args.split}" + ("" if args.phrasing == "eval" else f"_{args.phrasing}")
+    tag = args.phrasing if args.phrasing in ("eval", "train") else Path(args.phrasing).stem
+    name = f"qa_{args.split}" + ("" if tag == "eval" else f"_{tag}")
     path = write_report(report, out, name, meta=meta)
     print(markdown_table(report, title=f"QA exact match — {name}"), end="")
     print(f"wrote {path}")

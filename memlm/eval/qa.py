@@ -118,27 +118,44 @@ PHRASINGS = ("eval", "train")
 
 def rephrase(records: Sequence[QARecord], data_dir: str | os.PathLike, phrasing: str) -> list[QARecord]:
     """The same questions phrased with the benchmark's ``eval`` templates (as the QA files are: never in the
-    training text) or its ``train`` templates (those the corpus drills). Asking the same people both ways
-    separates what a model cannot do for an unseen person from what it cannot do for an unseen phrasing.
-    A question's template index picks among the relation's templates (modulo their number)."""
-    if phrasing not in PHRASINGS:
-        raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
-    meta = Path(data_dir) / "meta.json"
-    try:
-        templates = json.loads(meta.read_text(encoding="utf-8"))["templates"][f"{phrasing}_questions"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"no {phrasing} question templates ({e})", path=meta, field="templates") from None
+    training text), its ``train`` templates (those the corpus drills), or the templates of a JSON file
+    (``{"relation": ["Where was {s} born?", ...]}``: phrasings of your own, that neither the repository nor
+    the training text holds). Asking the same people several ways separates what a model cannot do for an
+    unseen person from what it cannot do for an unseen phrasing. A question's template index picks among the
+    relation's templates (modulo their number)."""
+    templates, source = _templates(data_dir, phrasing)
     out = []
     for r in records:
         options = templates.get(r.relation)
         if not options:
             raise InputError(
-                f"no {phrasing} template for relation {r.relation!r}", path=meta, field="templates"
+                f"no {phrasing} template for relation {r.relation!r}", path=source, field="templates"
             )
         t = (r.template or 0) % len(options)
         question = options[t].format(s=r.subject)
         out.append(replace(r, prompt=QA_PROMPT.format(question=question), template=t))
     return out
+
+
+def _templates(data_dir: str | os.PathLike, phrasing: str) -> tuple[dict, Path]:
+    """relation -> question templates, and the file they come from: the benchmark's meta.json, or a file."""
+    if phrasing in PHRASINGS:
+        source, field = Path(data_dir) / "meta.json", f"templates.{phrasing}_questions"
+    else:
+        source, field = Path(phrasing), "templates"
+    try:
+        obj = json.loads(source.read_text(encoding="utf-8"))
+        templates = obj["templates"][f"{phrasing}_questions"] if phrasing in PHRASINGS else obj
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"no question templates ({e})", path=source, field=field) from None
+    if not isinstance(templates, dict):
+        raise InputError("expected an object: relation -> list of templates", path=source, field=field)
+    for relation, options in templates.items():
+        if not isinstance(options, list) or not all(isinstance(t, str) and "{s}" in t for t in options):
+            raise InputError(
+                "expected a list of templates, each naming the subject as {s}", path=source, field=relation
+            )
+    return templates, source
 
 
 def sample_questions(records: list, n: int | None) -> list:
