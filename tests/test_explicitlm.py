@@ -522,3 +522,58 @@ def test_state_next_gives_a_token_state_the_token_after_it(bios, bank, tokenizer
     batch = load_reader(None, m, tokenizer, bank=bank).train_batch(docs(bios), rng=random.Random(0))
     m(batch.input_ids, targets=batch.targets, memory=batch.memory).loss.backward()
     assert m.memory.next.weight.grad.abs().sum() > 0
+
+
+def test_query_encoder_retrieves_by_the_question_once_it_is_read(bios, bank, tokenizer):
+    """``query_encoder``: positions that have read the text's first sentence read its encoder's top entries over
+    that encoder's vectors of the entries' keys; earlier positions keep the learnt query, which alone the
+    retrieval losses teach; edits and deletions reach the text keys."""
+    from memlm.encode import load_encoder
+    from memlm.model.memory.question import key_text
+
+    encoder = load_encoder("hashing")
+    m = model(gate=0.5, query_encoder="hashing", retrieval_weight=1.0, similarity_weight=0.0).train()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    table = reader.table
+    rows = torch.arange(table.M, len(table))
+    want = encoder.encode([key_text(e, "about") for e in bank.get_many(table.ids[rows].tolist())])
+    torch.testing.assert_close(table.text_keys[rows], torch.from_numpy(want))
+    batch = reader.train_batch(docs(bios), rng=random.Random(0))
+    inputs = batch.memory.inputs
+    read = inputs.text_mask & inputs.valid
+    assert read.any() and (inputs.valid & ~read).any()
+    sims = inputs.text @ table.text_keys.T
+    top = table.ids[sims.argmax(-1)]  # (B,): the question's own best entry, exact
+    m.eval()
+    with torch.no_grad():
+        got = m(batch.input_ids, memory=batch.memory).retrieval.retrieved_ids[..., 0]  # (B, T)
+        # elsewhere: exactly what the same weights read without a query encoder
+        plain = model(gate=0.5, retrieval_weight=1.0, similarity_weight=0.0).eval()
+        plain.load_state_dict(m.state_dict())
+        plain_reader = load_reader(None, plain, tokenizer, bank=bank)
+        plain_reader.refresh_keys()
+        context = plain_reader.context(valid=inputs.valid)
+        base = plain(batch.input_ids, memory=context).retrieval.retrieved_ids[..., 0]
+    assert torch.equal(got[read], top[:, None].expand_as(read)[read])
+    assert torch.equal(got[inputs.valid & ~read], base[inputs.valid & ~read])
+    assert not torch.equal(got[read], base[read])
+
+    # The retrieval loss teaches the learnt query only: golds after the question add none of it.
+    m.train()
+    gold = inputs.gold.clone()
+    for where, loss in ((read, False), (~read, True)):
+        inputs.gold, batch.memory.aux_losses = gold.masked_fill(~where, -1), {}
+        assert (inputs.gold >= 0).any()
+        m(batch.input_ids, memory=batch.memory)
+        assert ("explicitlm.1.retrieval" in batch.memory.aux_losses) == loss
+
+    # A prompt reads the entry its question is about; once deleted, the question never finds it again.
+    m.eval()
+    prompt = "Q: Where was Laura F. Glenholm born?\nA:"
+    q = torch.from_numpy(encoder.encode(["Q: Where was Laura F. Glenholm born?"])[0])
+    target = int(table.ids[(table.text_keys @ q).masked_fill(table.ids < 0, -1e9).argmax()])
+    first = Generator(m, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
+    assert target in first.retrieved
+    bank.delete([target])
+    again = Generator(m, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
+    assert target not in again.retrieved

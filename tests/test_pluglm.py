@@ -488,7 +488,7 @@ def test_query_route_search_retrieves_by_the_text_once_it_is_read(bios, bank_dir
     vectors of the entries' keys, scored by that similarity; earlier positions keep the learnt query, which
     alone is taught by the retrieval loss; edits reach the text keys."""
     from memlm.encode import load_encoder
-    from memlm.model.memory.pluglm_reader import about_text
+    from memlm.model.memory.question import key_text
 
     shutil.copytree(bank_dir, tmp_path / "bank")
     encoder = load_encoder("hashing")
@@ -499,7 +499,7 @@ def test_query_route_search_retrieves_by_the_text_once_it_is_read(bios, bank_dir
         reader = load_reader(None, model, tokenizer, bank=bank)
         batch = reader.train_batch(texts, rng=random.Random(0))
         table, inputs = reader.table, batch.memory.inputs
-        want_keys = encoder.encode([about_text(e) for e in bank.get_many(table.ids.tolist())])
+        want_keys = encoder.encode([key_text(e, "about") for e in bank.get_many(table.ids.tolist())])
         torch.testing.assert_close(table.text_keys, torch.from_numpy(want_keys))
         sims = inputs.text @ table.text_keys.T  # (B, M)
         top = table.ids[sims.topk(N, dim=-1).indices]  # (B, N): the text's own search, exact

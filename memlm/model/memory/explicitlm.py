@@ -45,6 +45,7 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, part_tokens
 from memlm.model.memory.pk_search import ProductKeySearch
+from memlm.model.memory.question import QuestionReader
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 from memlm.model.memory.registry import register_memory_design
 
@@ -82,6 +83,11 @@ class ExplicitLMOptions:
     bank_size: int = 0  # entries the ratio is taken of (slots = bank_size * r / (1 - r)); needed when r > 0
     implicit_tokens: int = 4  # token states per learnable slot
     namespaces: list[str] | None = None  # retrieval scope; None: every namespace of the bank
+    # A pretrained reader of the question (memlm.model.memory.question; e.g. minilm): positions that have read
+    # a text's first sentence or line retrieve by its embedding against that encoder's vectors of the entries'
+    # keys (RAG's search), scored by that similarity; the learnt query retrieves everywhere else. None: off
+    query_encoder: str | None = None
+    query_encoder_dim: int = 384  # that encoder's output width (minilm: 384)
 
     def __post_init__(self) -> None:
         from memlm.bank.vectors import KEYS
@@ -97,7 +103,7 @@ class ExplicitLMOptions:
         if self.key_dim < 2 or self.key_dim % 2:
             raise ConfigError(f"model.memory_options.key_dim must be even and >= 2, got {self.key_dim}")
         for name in ("key_tokens", "text_tokens", "read_k", "fine_k", "topk_half", "n_cells", "cell_size",
-                     "cell_cap", "refresh_every", "tau_steps", "implicit_tokens"):  # fmt: skip
+                     "cell_cap", "refresh_every", "tau_steps", "implicit_tokens", "query_encoder_dim"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
         if self.read_k > self.fine_k:
@@ -249,6 +255,8 @@ class EntryTable:
         self.key_split = torch.zeros(n_implicit, dtype=torch.long) if o.key == "parts" else None
         self.text_tokens = torch.full((n_implicit, o.text_tokens), pad_id, dtype=torch.long)
         self.alive = torch.ones(n_implicit, dtype=torch.bool)
+        # query_encoder: that encoder's vector of each row's key (zero for slots and dead rows); None: off
+        self.text_keys: Tensor | None = None
         self.search = ProductKeySearch(
             o.key_dim, cell_size=o.cell_size, topk_half=o.topk_half, n_cells=o.n_cells, cell_cap=o.cell_cap
         )
@@ -265,7 +273,7 @@ class EntryTable:
     def to(self, device: torch.device | str) -> EntryTable:
         device = torch.device(device)
         if device != self.device:
-            for name in ("ids", "key_tokens", "text_tokens", "alive", "key_split"):
+            for name in ("ids", "key_tokens", "text_tokens", "alive", "key_split", "text_keys"):
                 if getattr(self, name) is not None:
                     setattr(self, name, getattr(self, name).to(device))
             self.search.to(device)
@@ -290,6 +298,10 @@ class EntryTable:
             self.alive = torch.cat([self.alive, self.alive.new_zeros(grow)])
             if self.key_split is not None:
                 self.key_split = torch.cat([self.key_split, self.key_split.new_zeros(grow)])
+            if self.text_keys is not None:
+                self.text_keys = torch.cat(
+                    [self.text_keys, self.text_keys.new_zeros(grow, self.text_keys.shape[1])]
+                )
         rows, alive = rows.to(self.device), alive.to(self.device)
         self.ids[rows] = ids.to(self.device).masked_fill(~alive, -1)
         self.key_tokens[rows] = key_tokens.to(self.device).masked_fill(~alive[:, None], self.pad_id)
@@ -297,6 +309,28 @@ class EntryTable:
         self.alive[rows] = alive
         if self.key_split is not None:
             self.key_split[rows] = key_split.to(self.device).masked_fill(~alive, 0)
+
+    def set_text_keys(self, rows: Tensor, vectors: Tensor) -> None:
+        """The query encoder's vectors (n, E) of explicit ``rows`` (set after :meth:`set_rows`)."""
+        if self.text_keys is None:
+            self.text_keys = torch.zeros(len(self), vectors.shape[1], device=self.device)
+        self.text_keys[rows.to(self.device)] = vectors.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def search_text(self, queries: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Query encoder embeddings (Q, E) -> (cosines, rows), each (Q, n), best first, over the live explicit
+        rows (exact: one product per text, not per token); -inf and -1 where fewer than n are alive."""
+        if self.text_keys is None:
+            raise ValueError("this entry table has no text keys (query_encoder sets them)")
+        sims = queries.float() @ self.text_keys.T
+        live = self.alive & (torch.arange(len(self), device=self.device) >= self.M)
+        sims = sims.masked_fill(~live, float("-inf"))
+        top, rows = sims.topk(min(n, len(self)), dim=-1)
+        rows = rows.masked_fill(~torch.isfinite(top), -1)
+        if top.shape[1] < n:  # fewer rows than n: pad
+            pad = n - top.shape[1]
+            top, rows = F.pad(top, (0, pad), value=float("-inf")), F.pad(rows, (0, pad), value=-1)
+        return top, rows
 
     @torch.no_grad()
     def encode_keys(self, encoder: EntryEncoder, embed: nn.Embedding, rows: Tensor | None = None) -> Tensor:
@@ -332,11 +366,13 @@ class ExplicitInputs:
     valid: Tensor | None = None  # (B, T) real tokens (retrieval skips padding); None: every position
     swap_rows: Tensor | None = None  # (B, S) rows this sample reads with a swapped object, -1: none
     swap_tokens: Tensor | None = None  # (B, S, L) their swapped text tokens
+    text: Tensor | None = None  # (B, E) query_encoder's embedding of each row's first sentence or line
+    text_mask: Tensor | None = None  # (B, T) positions that have read it (aligned like the input ids)
     reads: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, read_k) ids read (provenance)
 
     def to(self, device: torch.device) -> ExplicitInputs:
         self.table.to(device)
-        for name in ("gold", "valid", "swap_rows", "swap_tokens"):
+        for name in ("gold", "valid", "swap_rows", "swap_tokens", "text", "text_mask"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device, non_blocking=True))
@@ -400,12 +436,18 @@ class ExplicitLMLayer(nn.Module):
         x = h.flatten(0, 1)[pos]  # (n, C)
         q = self.retrieval_query(x)  # (n, key_dim)
         _, cand = table.search.search(q.detach(), o.fine_k)  # coarse: cells + cached keys, (n, m)
+        by_text = self._text_positions(inputs, B, T, pos)  # (n,) retrieve by the question, or None
+        if by_text is not None:
+            t_sim, t_rows = table.search_text(inputs.text, o.fine_k)  # (B, m): once per row
+            cand = torch.where(by_text[:, None], t_rows[pos // T], cand)
         gold = inputs.gold.flatten()[pos] if self.training and inputs.gold is not None else None
         extra = gold[gold >= 0] if gold is not None and o.retrieval_weight > 0 else cand.new_zeros(0)
         uniq, inv = torch.unique(torch.cat([cand.flatten().clamp(min=0), extra]), return_inverse=True)
         keys = fresh_keys(self.encoder, inputs.embed, table, uniq)  # (U, d) with gradient
         cand_keys = keys[inv[: cand.numel()]].view(*cand.shape, -1)  # (n, m, d)
         scores = o.score_scale * torch.einsum("nd,nmd->nm", q, cand_keys)
+        if by_text is not None:  # the question's similarity picks there (fixed: nothing to learn)
+            scores = torch.where(by_text[:, None], o.score_scale * t_sim[pos // T].to(scores.dtype), scores)
         scores = scores.masked_fill(cand < 0, float("-inf"))  # fine stage: exact, differentiable
 
         found = torch.isfinite(scores).any(
@@ -432,10 +474,28 @@ class ExplicitLMLayer(nn.Module):
         ids[pos] = torch.where(rows >= 0, table.ids[rows.clamp(min=0)], -1)
         self._record(memory, ids.view(B, T, -1))
 
-        if self.training:
-            self._aux_losses(memory, q, scores, cand, pick, cand_keys, gold, uniq, keys, table)
+        if self.training:  # the learnt query's losses, where it retrieved
+            learnt = slice(None) if by_text is None else ~by_text
+            self._aux_losses(
+                memory, q[learnt], scores[learnt], cand[learnt], pick[learnt], cand_keys[learnt],
+                None if gold is None else gold[learnt], uniq, keys, table,
+            )  # fmt: skip
         out[pos] = self._read(x, rows, weight, inputs, pos // T).to(out.dtype)
         return out.view(B, T, C)
+
+    @staticmethod
+    def _text_positions(inputs: ExplicitInputs, B: int, T: int, pos: Tensor) -> Tensor | None:
+        """(n,) bool over the retrieving positions ``pos``: those that have read the question (query_encoder)."""
+        if inputs.text is None:
+            return None
+        if inputs.text_mask is None or inputs.text_mask.shape[0] != B:
+            raise ValueError(
+                "this ExplicitLM reads a query encoder: the reader must hand it text and text_mask"
+            )
+        mask = inputs.text_mask[:, -T:]  # a cached decoding step (T = 1) takes the last column
+        if mask.shape[1] != T:
+            raise ValueError(f"text_mask covers {mask.shape[1]} positions, the input {T}")
+        return mask.flatten()[pos]
 
     def retrieval_query(self, x: Tensor) -> Tensor:
         """Unit queries (..., key_dim), float32, from hidden states (..., C); ``key: parts``: two unit halves,
@@ -500,6 +560,8 @@ class ExplicitLMLayer(nn.Module):
         gold (n,) rows or None; uniq (U,) sorted rows whose fresh ``keys`` (U, d) were computed.
         """
         o, tag = self.o, f"explicitlm.{self.layer_idx}"
+        if not len(q):  # every position retrieved by the question (query_encoder)
+            return
         picked = scores.gather(1, pick[:, :1])
         ok = torch.isfinite(picked).squeeze(1)
         if o.similarity_weight > 0 and ok.any():  # the paper's: the query moves toward the key it chose
@@ -603,6 +665,9 @@ class ExplicitLMReader(MemoryReader):
         self._tokens: dict[str, tuple[list[int], list[int], int]] = {}
         self._pools: dict[str, list[str]] | None = None
         self.bank_version = -1
+        self.question = (
+            QuestionReader(o.query_encoder, o.query_encoder_dim, tokenizer) if o.query_encoder else None
+        )
         self._load(None)
 
     # ---- the table ---------------------------------------------------------------------------------------
@@ -611,7 +676,8 @@ class ExplicitLMReader(MemoryReader):
         from memlm.bank.vectors import KEYS
 
         version = self.bank.version
-        key_sql = KEYS["about" if self.options.key == "parts" else self.options.key]
+        key = "about" if self.options.key == "parts" else self.options.key
+        key_sql = KEYS[key]
         sql = (
             f"SELECT e.id, e.text, {key_sql}, e.content_hash, e.subject, e.relation, e.object FROM entries e"
         )
@@ -668,6 +734,13 @@ class ExplicitLMReader(MemoryReader):
                 _pad(kt, self.options.key_tokens, pad), _pad(tt, self.options.text_tokens, pad), torch.tensor(alive),
                 split,
             )  # fmt: skip
+            if (
+                self.question is not None
+            ):  # the query encoder's vectors of the keys (dead rows: never searched)
+                vecs = self.question.entry_vectors(
+                    self.bank, [r[0] for r in found], [r[2] for r in found], key
+                )
+                self.table.set_text_keys(torch.tensor(rows[: len(found)], dtype=torch.long), vecs)
             if ids is not None:  # token ids of content no entry has any more (edited, deleted) are dropped
                 keep = {f.content_hash for f in self._facts.values()}
                 self._tokens = {h: v for h, v in self._tokens.items() if h in keep}
@@ -715,13 +788,23 @@ class ExplicitLMReader(MemoryReader):
     def context(self, **extras) -> MemoryContext:
         return MemoryContext(inputs=ExplicitInputs(table=self.table, embed=self.model.wte, **extras))
 
+    def _question(self, texts: Sequence[str], rows, T: int, *, left_pad: bool) -> dict[str, Tensor]:
+        """query_encoder: each text's question embedding and the positions that have read it."""
+        if self.question is None:
+            return {}
+        device = self.table.device
+        return {
+            "text": self.question.embed(texts).to(device),
+            "text_mask": self.question.mask(texts, rows, T, left_pad=left_pad).to(device),
+        }
+
     # ---- inference ---------------------------------------------------------------------------------------
     def prompts(self, prompts: Sequence[str]) -> PromptBatch:
         self._maintain()
         ids = self.tokenizer.encode_batch(list(prompts), bos=True)
-        return PromptBatch(
-            token_ids=ids, memory=self.context(), used=[[] for _ in ids], scores=[[] for _ in ids]
-        )
+        L = max((len(r) for r in ids), default=0)  # generation left-pads
+        memory = self.context(**self._question(prompts, ids, L, left_pad=True))
+        return PromptBatch(token_ids=ids, memory=memory, used=[[] for _ in ids], scores=[[] for _ in ids])
 
     # ---- training ----------------------------------------------------------------------------------------
     def train_batch(
@@ -770,7 +853,10 @@ class ExplicitLMReader(MemoryReader):
                     ids = flat[i][: o.text_tokens]
                     swap_tokens[b, j, : len(ids)] = torch.tensor(ids)
                     i += 1
-        batch.memory = self.context(gold=gold, valid=valid, swap_rows=swap_rows, swap_tokens=swap_tokens)
+        batch.memory = self.context(
+            gold=gold, valid=valid, swap_rows=swap_rows, swap_tokens=swap_tokens,
+            **self._question([d[0] for d in docs], rows, T, left_pad=False),
+        )  # fmt: skip
         batch.used = [sorted({int(self.table.ids[f.row]) for f in d[1]}) for d in docs]
         return batch
 

@@ -14,11 +14,9 @@ of its triples (``swap_prob``: in the document and in the value the model reads 
 the bank), and marks each position whose next token belongs to an object with that entry's table row (the gold
 of the retrieval loss). Every token after BOS is a target: retrieval is per position, from the prefix.
 
-With ``query_encoder``, each text's first sentence or line (a prompt's question: RAG's query,
-:func:`memlm.model.memory.rag.query_text`) is embedded by that encoder, after the swaps, and the positions from
-its last token on are marked as having read it. ``query_route: search`` also gives the table that encoder's
-vectors of the entries' keys (from the bank's vector cache, which RAG's retriever fills with the same encoder
-and key), rebuilt with the table whenever the bank changes.
+With ``query_encoder`` (:mod:`memlm.model.memory.question`), each text's first sentence or line is embedded
+after the swaps, and the positions that have read it are marked. ``query_route: search`` also gives the table
+that encoder's vectors of the entries' keys, rebuilt with the table whenever the bank changes.
 """
 
 from __future__ import annotations
@@ -28,26 +26,17 @@ import re
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from memlm.data.pack import IGNORE_INDEX
-from memlm.errors import ConfigError
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
-from memlm.model.memory.rag import query_text
+from memlm.model.memory.question import QuestionReader, key_text, sentence_end
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 
 FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
-
-
-def about_text(entry) -> str:
-    """What an entry is about: "subject relation" of a triple, its text otherwise (memlm.bank.vectors.KEYS)."""
-    if entry.subject and entry.relation:
-        return f"{entry.subject} {entry.relation.replace('_', ' ')}"
-    return entry.text
 
 
 class KeyTable:
@@ -147,8 +136,10 @@ class PlugLMReader(MemoryReader):
         self._keys_fresh = False  # keys computed from the encoder's current weights
         self._steps = 0
         self.refresh_seconds: list[float] = []  # wall time of each full key refresh (the training stall)
-        self._text_encoder = None
-        self._text_cache: dict[str, Tensor] = {}  # first sentence -> its embedding (query_encoder)
+        o = options
+        self.question = (
+            QuestionReader(o.query_encoder, o.query_encoder_dim, tokenizer) if o.query_encoder else None
+        )
 
     # ---- the table -----------------------------------------------------------------------------
     def _entry_tokens(self, entry) -> tuple[list[int], list[int], int]:
@@ -158,7 +149,7 @@ class PlugLMReader(MemoryReader):
             if self.options.key == "parts" and entry.subject and entry.relation:
                 key_ids, split = part_tokens(self.tokenizer, entry.subject, entry.relation, L)
             else:
-                about = about_text(entry) if self.options.key != "text" else entry.text
+                about = key_text(entry, self.options.key)
                 key_ids = self.tokenizer.encode(as_in_a_sentence(about))[:L]
                 split = len(key_ids)  # no relation: key: parts pools the whole text into both halves
             self._tokens[key] = (key_ids, self.tokenizer.encode(entry.text)[:L], split)
@@ -182,7 +173,10 @@ class PlugLMReader(MemoryReader):
             key_split=torch.tensor([n for _, _, n in toks]) if self.options.key == "parts" else None,
         ).to(device)  # fmt: skip
         if self.options.query_route == "search":
-            self.table.set_text_keys(self._text_keys(entries))
+            texts = [key_text(e, self.options.key) for e in entries]
+            self.table.set_text_keys(
+                self.question.entry_vectors(self.bank, [e.id for e in entries], texts, self.options.key)
+            )
         self._entries = entries
         self._subject_re = None
         self._keys_fresh = False
@@ -221,13 +215,10 @@ class PlugLMReader(MemoryReader):
         table = self._ready(fresh=True)  # inference reads keys of the weights it runs with
         ids = self.tokenizer.encode_batch(list(prompts), bos=True)
         inputs = PlugInputs(table)
-        if self.options.query_encoder:
-            # generation left-pads: each row's mask ends where its prompt ends
+        if self.question is not None:
             L = max((len(r) for r in ids), default=0)
-            mask = torch.zeros(len(ids), L, dtype=torch.bool)
-            for i, (prompt, row) in enumerate(zip(prompts, ids)):
-                mask[i, L - len(row) + self._question_end(prompt, len(row)) :] = True
-            inputs.text, inputs.text_mask = self._embed(prompts), mask
+            inputs.text = self.question.embed(prompts)
+            inputs.text_mask = self.question.mask(prompts, ids, L, left_pad=True)
             inputs = inputs.to(table.ids.device)
         memory = MemoryContext(inputs=inputs)
         return PromptBatch(token_ids=ids, memory=memory, used=[[] for _ in ids], scores=[[] for _ in ids])
@@ -265,11 +256,11 @@ class PlugLMReader(MemoryReader):
                 if 0 < t <= T:
                     batch.targets[i, t - 1] = IGNORE_INDEX
         text = text_mask = None
-        if self.options.query_encoder:
-            text_mask = torch.zeros(B, T, dtype=torch.bool)
-            for i, (t, row) in enumerate(zip(swapped, rows)):
-                text_mask[i, self._question_end(t, len(row)) :] = True
-            text = self._embed(swapped)
+        if self.question is not None:
+            text, text_mask = (
+                self.question.embed(swapped),
+                self.question.mask(swapped, rows, T, left_pad=False),
+            )
         gold = torch.full((B, T), -1, dtype=torch.long)
         for i, g in enumerate(golds):
             g = g[1 : T + 1]  # position t is labelled with the entry of token t + 1 (its target)
@@ -293,58 +284,6 @@ class PlugLMReader(MemoryReader):
         batch.memory = MemoryContext(inputs=inputs)
         return batch
 
-    # ---- the query encoder's text (query_encoder) -------------------------------------------------
-    @property
-    def text_encoder(self):
-        if self._text_encoder is None:
-            from memlm.encode import load_encoder
-
-            self._text_encoder = load_encoder(self.options.query_encoder)
-            if self._text_encoder.dim != self.options.query_encoder_dim:
-                raise ConfigError(
-                    f"model.memory_options.query_encoder {self.options.query_encoder!r} gives "
-                    f"{self._text_encoder.dim}-d embeddings, query_encoder_dim is {self.options.query_encoder_dim}"
-                )
-        return self._text_encoder
-
-    def _text_keys(self, entries) -> Tensor:
-        """(M, E) the query encoder's vectors of the entries' keys (``key: about``: "subject relation"), from
-        the bank's vector cache (RAG's, when it searches with the same encoder and key; synced here unless the
-        bank is read-only), anything it lacks encoded in memory."""
-        from memlm.bank.vectors import VectorCache
-
-        ids = [e.id for e in entries]
-        cache = VectorCache(self.bank, self.text_encoder, key=self.options.key)
-        if not self.bank.readonly:
-            cache.sync(ids)
-        found, vecs, _ = cache.fetch(ids)
-        have = dict(zip(found.tolist(), vecs))
-        todo = [e for e in entries if e.id not in have]
-        if todo:
-            texts = [about_text(e) if self.options.key == "about" else e.text for e in todo]
-            have.update(zip((e.id for e in todo), self.text_encoder.encode(texts)))
-        if not ids:
-            return torch.zeros(0, self.text_encoder.dim)
-        return torch.from_numpy(np.stack([have[i] for i in ids]))
-
-    def _embed(self, texts: Sequence[str]) -> Tensor:
-        """(B, E) the query encoder's embeddings of each text's first sentence or line (cached by that text)."""
-        queries = [query_text(t) for t in texts]
-        todo = list(dict.fromkeys(q for q in queries if q not in self._text_cache))
-        if todo:
-            if len(self._text_cache) > 200_000:  # swapped objects make new first sentences: stay bounded
-                self._text_cache.clear()
-            vecs = torch.from_numpy(self.text_encoder.encode(todo)).float()
-            self._text_cache.update(zip(todo, vecs))
-        return torch.stack([self._text_cache[q] for q in queries])
-
-    def _question_end(self, text: str, row_len: int) -> int:
-        """The position (BOS = 0) of the last token of ``text``'s first sentence or line in its token row of
-        ``row_len``: from there on a position has read it (``row_len`` for a blank one: none has). Counted on
-        the sentence's own tokens: byte-level BPE never merges across the sentence end."""
-        q = query_text(text)
-        return len(self.tokenizer.encode(q)) if q.strip() else row_len
-
     def _cue_noise(
         self, text: str, ids: list[int], gold: list[int], subject: str, rng: random.Random, p: float
     ) -> tuple[list[int], list[int]]:
@@ -352,7 +291,7 @@ class PlugLMReader(MemoryReader):
         before the first object's and inside the first sentence or line, the subject's name kept."""
         tok = self.tokenizer
         first_object = next((i for i, g in enumerate(gold) if g >= 0), len(ids))
-        end = min(first_object, 1 + self._question_end(text, 0))  # a blank first line: no cue words
+        end = min(first_object, 1 + sentence_end(self.tokenizer, text, 0))  # a blank first line: no cue words
         keep = set()
         for name in (tok.encode(" " + subject), tok.encode(subject)):  # after a space, or opening the text
             for i in range(1, end - len(name) + 1):
