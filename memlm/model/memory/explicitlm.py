@@ -45,7 +45,7 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, part_tokens
 from memlm.model.memory.pk_search import ProductKeySearch
-from memlm.model.memory.question import QuestionReader
+from memlm.model.memory.question import QuestionReader, read_mask
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 from memlm.model.memory.registry import register_memory_design
 
@@ -436,7 +436,9 @@ class ExplicitLMLayer(nn.Module):
         x = h.flatten(0, 1)[pos]  # (n, C)
         q = self.retrieval_query(x)  # (n, key_dim)
         _, cand = table.search.search(q.detach(), o.fine_k)  # coarse: cells + cached keys, (n, m)
-        by_text = self._text_positions(inputs, B, T, pos)  # (n,) retrieve by the question, or None
+        by_text = None  # (n,): the positions that retrieve by the question (query_encoder)
+        if inputs.text is not None:
+            by_text = read_mask(inputs.text, inputs.text_mask, T, "ExplicitLM").flatten()[pos]
         if by_text is not None:
             t_sim, t_rows = table.search_text(inputs.text, o.fine_k)  # (B, m): once per row
             cand = torch.where(by_text[:, None], t_rows[pos // T], cand)
@@ -482,20 +484,6 @@ class ExplicitLMLayer(nn.Module):
             )  # fmt: skip
         out[pos] = self._read(x, rows, weight, inputs, pos // T).to(out.dtype)
         return out.view(B, T, C)
-
-    @staticmethod
-    def _text_positions(inputs: ExplicitInputs, B: int, T: int, pos: Tensor) -> Tensor | None:
-        """(n,) bool over the retrieving positions ``pos``: those that have read the question (query_encoder)."""
-        if inputs.text is None:
-            return None
-        if inputs.text_mask is None or inputs.text_mask.shape[0] != B:
-            raise ValueError(
-                "this ExplicitLM reads a query encoder: the reader must hand it text and text_mask"
-            )
-        mask = inputs.text_mask[:, -T:]  # a cached decoding step (T = 1) takes the last column
-        if mask.shape[1] != T:
-            raise ValueError(f"text_mask covers {mask.shape[1]} positions, the input {T}")
-        return mask.flatten()[pos]
 
     def retrieval_query(self, x: Tensor) -> Tensor:
         """Unit queries (..., key_dim), float32, from hidden states (..., C); ``key: parts``: two unit halves,
@@ -734,12 +722,9 @@ class ExplicitLMReader(MemoryReader):
                 _pad(kt, self.options.key_tokens, pad), _pad(tt, self.options.text_tokens, pad), torch.tensor(alive),
                 split,
             )  # fmt: skip
-            if (
-                self.question is not None
-            ):  # the query encoder's vectors of the keys (dead rows: never searched)
-                vecs = self.question.entry_vectors(
-                    self.bank, [r[0] for r in found], [r[2] for r in found], key
-                )
+            if self.question is not None:  # the query encoder's vectors of the keys (dead rows: never found)
+                ids_, texts = [r[0] for r in found], [r[2] for r in found]
+                vecs = self.question.entry_vectors(self.bank, ids_, texts, key)
                 self.table.set_text_keys(torch.tensor(rows[: len(found)], dtype=torch.long), vecs)
             if ids is not None:  # token ids of content no entry has any more (edited, deleted) are dropped
                 keep = {f.content_hash for f in self._facts.values()}

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, key_halves
+from memlm.model.memory.question import read_mask
 from memlm.model.memory.registry import register_memory_design
 
 if TYPE_CHECKING:
@@ -277,9 +278,9 @@ class KnowledgeAttention(nn.Module):
         N = min(n, len(table))
         q = self.retrieval_query(h, self._text_term(inputs, T))  # (B, T, dk): from tokens <= t only
         rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
-        read = self._text_mask(inputs, T) if self.text_search else None  # (B, T): retrieve by the text
-        gold = inputs.gold
-        if read is not None:
+        read, gold = None, inputs.gold  # read (B, T): the positions that retrieve by the text
+        if self.text_search:
+            read = read_mask(inputs.text, inputs.text_mask, T, "PlugLM")
             rows = torch.where(read[..., None], table.search_text(inputs.text, N)[:, None, :], rows)
             gold = None if gold is None else gold.masked_fill(read, -1)  # nothing to teach the learnt query
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
@@ -372,19 +373,8 @@ class KnowledgeAttention(nn.Module):
         """(B, T, key_dim): the projected text embedding at positions that have read the whole text, else 0."""
         if self.text_query is None:
             return None
-        mask = self._text_mask(inputs, T).to(inputs.text.dtype)
+        mask = read_mask(inputs.text, inputs.text_mask, T, "PlugLM").to(inputs.text.dtype)
         return self.text_query(inputs.text)[:, None, :] * mask[..., None]
-
-    @staticmethod
-    def _text_mask(inputs: PlugInputs, T: int) -> Tensor:
-        """(B, T) bool: the positions that have read the whole text. Aligned with the row's end, so a cached
-        decoding step (T = 1) takes the last column: once a prompt is read, every later position has read it."""
-        if inputs.text is None or inputs.text_mask is None:
-            raise ValueError("this PlugLM reads a query encoder: the reader must hand it text and text_mask")
-        mask = inputs.text_mask[:, -T:]
-        if mask.shape[1] != T:
-            raise ValueError(f"text_mask covers {mask.shape[1]} positions, the input {T}")
-        return mask
 
     def _vocab_tables(self, H: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per vocabulary id: key as a token, key as a predecessor, value; each (V, H, d).

@@ -99,3 +99,15 @@ def sentence_end(tokenizer, text: str, row_len: int) -> int:
     sentence's own tokens: byte-level BPE never merges across the sentence end."""
     q = query_text(text)
     return len(tokenizer.encode(q)) if q.strip() else row_len
+
+
+def read_mask(text: Tensor | None, text_mask: Tensor | None, T: int, design: str) -> Tensor:
+    """(B, T) bool: the positions of a forward call over T tokens that have read the question. The mask is
+    aligned with the rows' end, so a cached decoding step (T = 1) takes the last column: once a prompt is read,
+    every later position has read it."""
+    if text is None or text_mask is None:
+        raise ValueError(f"this {design} reads a query encoder: the reader must hand it text and text_mask")
+    mask = text_mask[:, -T:]
+    if mask.shape[1] != T:
+        raise ValueError(f"text_mask covers {mask.shape[1]} positions, the input {T}")
+    return mask
