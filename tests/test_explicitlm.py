@@ -579,3 +579,29 @@ def test_query_encoder_retrieves_by_the_question_once_it_is_read(bios, bank, tok
     bank.delete([target])
     again = Generator(m, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
     assert target not in again.retrieved
+
+
+def test_cue_noise_replaces_cue_words_but_never_the_name_or_the_answer(bios, bank, tokenizer):
+    from memlm.data.pack import IGNORE_INDEX
+
+    texts = [d for d in docs(bios, 40) if d.startswith("Q:")][:3] + [
+        d for d in docs(bios, 40) if not d.startswith("Q:")
+    ][:3]
+    plain = load_reader(None, model(), tokenizer, bank=bank).train_batch(texts, rng=random.Random(0))
+    reader = load_reader(None, model(cue_noise=1.0), tokenizer, bank=bank)
+    noisy = reader.train_batch(texts, rng=random.Random(0))
+    assert torch.equal(reader.train_batch(texts).input_ids, plain.input_ids)  # no rng (evaluation): none
+    changed = noisy.input_ids != plain.input_ids
+    gold = plain.memory.inputs.gold
+    assert torch.equal(noisy.memory.inputs.gold, gold)  # objects keep their tokens
+    for b, text in enumerate(texts):
+        first_object = int((gold[b] >= 0).float().argmax()) + 1  # position t's gold labels token t + 1
+        assert changed[b, 1:first_object].any() and not changed[b, first_object:].any()
+        subject = reader._subjects(text)[0]
+        assert subject in tokenizer.decode(noisy.input_ids[b, :first_object].tolist())  # the name is kept
+        gone = torch.nonzero(changed[b]).flatten()
+        assert len(gone) and (noisy.targets[b, gone - 1] == IGNORE_INDEX).all()  # a random token: no target
+        kept = torch.nonzero(~changed[b][1:]).flatten()
+        torch.testing.assert_close(noisy.targets[b, kept], plain.targets[b, kept])
+    with pytest.raises(ConfigError, match="cue_noise"):
+        model(cue_noise=1.5)

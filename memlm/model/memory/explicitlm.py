@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memlm.data.pack import IGNORE_INDEX
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, part_tokens
@@ -79,6 +80,9 @@ class ExplicitLMOptions:
     similarity_weight: float = 0.1  # the paper's: 1 - cos(query, key of the selected entry)
     diversity_weight: float = 0.05  # the paper's: KL(mean sub-key distribution || uniform), per half
     swap_prob: float = 0.5  # training: share of a sample's facts whose object is swapped in text and entry
+    # training: share of the words before a text's first object (in its first sentence or line, not its
+    # subject's name) replaced by random tokens, so the reading follows the entry read, not the wording
+    cue_noise: float = 0.0
     implicit_ratio: float = 0.0  # share of memory slots that are learnable (the paper: 0.8); 0: none
     bank_size: int = 0  # entries the ratio is taken of (slots = bank_size * r / (1 - r)); needed when r > 0
     implicit_tokens: int = 4  # token states per learnable slot
@@ -112,8 +116,9 @@ class ExplicitLMOptions:
             )
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError("model.memory_options: need 0 < tau_end <= tau_start")
-        if not 0.0 <= self.swap_prob <= 1.0:
-            raise ConfigError(f"model.memory_options.swap_prob must be in [0, 1], got {self.swap_prob}")
+        for name in ("swap_prob", "cue_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"model.memory_options.{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.implicit_ratio < 1.0:
             raise ConfigError(
                 f"model.memory_options.implicit_ratio must be in [0, 1), got {self.implicit_ratio}"
@@ -816,11 +821,25 @@ class ExplicitLMReader(MemoryReader):
             swaps.append([(f.row, t) for f, t in zip(facts, new) if t != f.text])
         encs = tok.backend.encode_batch([d[0] for d in docs], add_special_tokens=False)
         rows = [[tok.bos_id, *e.ids, tok.eos_id] for e in encs]
+        golds = [
+            _gold_positions(text, facts, new, enc.offsets) for (text, facts, new), enc in zip(docs, encs)
+        ]
+        noise = o.cue_noise if train and rng is not None else 0.0
+        noised = []
+        for b, ((text, facts, _), g) in enumerate(zip(docs, golds)):
+            if noise > 0 and facts:  # position t's gold labels token t + 1
+                first_object = min((pos + 1 for pos, _ in g), default=len(rows[b]))
+                rows[b], where = self.cue_noise(text, rows[b], first_object, facts[0].subject, rng, noise)
+                noised.append((b, where))
         batch = self.collate(rows, [1] * len(rows))
         B, T = batch.input_ids.shape
+        for b, where in noised:  # a random token is no target
+            for t in where:
+                if 0 < t <= T:
+                    batch.targets[b, t - 1] = IGNORE_INDEX
         gold = torch.full((B, T), -1, dtype=torch.long)
-        for b, ((text, facts, new), enc) in enumerate(zip(docs, encs)):
-            for pos, row in _gold_positions(text, facts, new, enc.offsets):
+        for b, g in enumerate(golds):
+            for pos, row in g:
                 if pos < T:
                     gold[b, pos] = row
         valid = torch.zeros(B, T, dtype=torch.bool)

@@ -33,7 +33,7 @@ from memlm.data.pack import IGNORE_INDEX
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
-from memlm.model.memory.question import QuestionReader, key_text, sentence_end
+from memlm.model.memory.question import QuestionReader, key_text
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 
 FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
@@ -243,7 +243,8 @@ class PlugLMReader(MemoryReader):
             swapped.append(text)
             ids, gold = self._tokenise(text, entries, subs)
             if noise > 0 and entries:
-                ids, where = self._cue_noise(text, ids, gold, entries[0][1].subject, rng, noise)
+                first_object = next((i for i, g in enumerate(gold) if g >= 0), len(ids))
+                ids, where = self.cue_noise(text, ids, first_object, entries[0][1].subject, rng, noise)
                 noised.append((len(rows), where))
             rows.append(ids)
             golds.append(gold)
@@ -283,26 +284,6 @@ class PlugLMReader(MemoryReader):
             )
         batch.memory = MemoryContext(inputs=inputs)
         return batch
-
-    def _cue_noise(
-        self, text: str, ids: list[int], gold: list[int], subject: str, rng: random.Random, p: float
-    ) -> tuple[list[int], list[int]]:
-        """``ids`` with a share ``p`` of the cue tokens replaced by random ones, and where: the tokens after BOS,
-        before the first object's and inside the first sentence or line, the subject's name kept."""
-        tok = self.tokenizer
-        first_object = next((i for i, g in enumerate(gold) if g >= 0), len(ids))
-        end = min(first_object, 1 + sentence_end(self.tokenizer, text, 0))  # a blank first line: no cue words
-        keep = set()
-        for name in (tok.encode(" " + subject), tok.encode(subject)):  # after a space, or opening the text
-            for i in range(1, end - len(name) + 1):
-                if ids[i : i + len(name)] == name:
-                    keep.update(range(i, i + len(name)))
-        out, where = list(ids), []
-        for i in range(1, end):
-            if i not in keep and rng.random() < p:
-                out[i] = self.random_token(rng)
-                where.append(i)
-        return out, where
 
     def _subject_entries(self, text: str) -> list[tuple[int, object]]:
         """(table row, entry) of every triple whose subject is the first bank subject named in ``text``."""

@@ -128,6 +128,30 @@ class MemoryReader:
 
         return rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)
 
+    def cue_noise(
+        self, text: str, ids: list[int], first_object: int, subject: str, rng: random.Random, p: float
+    ) -> tuple[list[int], list[int]]:
+        """``ids`` (BOS text ...) with a share ``p`` of the cue tokens replaced by random ones, and where: the
+        tokens after BOS, before ``first_object`` (the index of the first object's first token) and inside the
+        first sentence or line, the subject's name kept. A question in words the corpus never uses leaves the
+        model such a prompt: the reading learns to follow the entry it read, not the wording (PlugLM's and
+        ExplicitLM's ``cue_noise``; the query encoder reads the clean text)."""
+        from memlm.model.memory.question import sentence_end
+
+        tok = self.tokenizer
+        end = min(first_object, 1 + sentence_end(tok, text, 0))  # a blank first line: no cue words
+        keep = set()
+        for name in (tok.encode(" " + subject), tok.encode(subject)):  # after a space, or opening the text
+            for i in range(1, end - len(name) + 1):
+                if ids[i : i + len(name)] == name:
+                    keep.update(range(i, i + len(name)))
+        out, where = list(ids), []
+        for i in range(1, end):
+            if i not in keep and rng.random() < p:
+                out[i] = self.random_token(rng)
+                where.append(i)
+        return out, where
+
     def decode_steps(self, max_new_tokens: int) -> int:
         """Decoding steps for an answer of ``max_new_tokens`` text tokens: more where a design writes tokens
         that are not answer text (LMLM's lookups), so they do not eat the answer's budget."""
