@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memlm.data.pack import IGNORE_INDEX
 from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, part_tokens
@@ -374,6 +373,13 @@ class ExplicitInputs:
     text: Tensor | None = None  # (B, E) query_encoder's embedding of each row's first sentence or line
     text_mask: Tensor | None = None  # (B, T) positions that have read it (aligned like the input ids)
     reads: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, read_k) ids read (provenance)
+    # query_encoder — n -> (cosines, rows), each (B, n): the text's search, once per batch (not per decoding step)
+    text_hits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def search_text(self, n: int) -> tuple[Tensor, Tensor]:
+        if n not in self.text_hits:
+            self.text_hits[n] = self.table.search_text(self.text, n)
+        return self.text_hits[n]
 
     def to(self, device: torch.device) -> ExplicitInputs:
         self.table.to(device)
@@ -445,10 +451,12 @@ class ExplicitLMLayer(nn.Module):
         if inputs.text is not None:
             by_text = read_mask(inputs.text, inputs.text_mask, T, "ExplicitLM").flatten()[pos]
         if by_text is not None:
-            t_sim, t_rows = table.search_text(inputs.text, o.fine_k)  # (B, m): once per row
+            t_sim, t_rows = inputs.search_text(o.fine_k)  # (B, m): once per row and batch
             cand = torch.where(by_text[:, None], t_rows[pos // T], cand)
         gold = inputs.gold.flatten()[pos] if self.training and inputs.gold is not None else None
-        extra = gold[gold >= 0] if gold is not None and o.retrieval_weight > 0 else cand.new_zeros(0)
+        extra = cand.new_zeros(0)  # gold rows the retrieval loss scores: where the learnt query retrieved
+        if gold is not None and o.retrieval_weight > 0:
+            extra = gold[gold >= 0] if by_text is None else gold[(gold >= 0) & ~by_text]
         uniq, inv = torch.unique(torch.cat([cand.flatten().clamp(min=0), extra]), return_inverse=True)
         keys = fresh_keys(self.encoder, inputs.embed, table, uniq)  # (U, d) with gradient
         cand_keys = keys[inv[: cand.numel()]].view(*cand.shape, -1)  # (n, m, d)
@@ -833,10 +841,7 @@ class ExplicitLMReader(MemoryReader):
                 noised.append((b, where))
         batch = self.collate(rows, [1] * len(rows))
         B, T = batch.input_ids.shape
-        for b, where in noised:  # a random token is no target
-            for t in where:
-                if 0 < t <= T:
-                    batch.targets[b, t - 1] = IGNORE_INDEX
+        self.ignore_noised(batch.targets, noised)
         gold = torch.full((B, T), -1, dtype=torch.long)
         for b, g in enumerate(golds):
             for pos, row in g:

@@ -37,7 +37,7 @@ What memlm does differently:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -126,6 +126,13 @@ class PlugInputs:
     override_tokens: Tensor | None = None  # (B, J, L) those tokens (swapped objects); PAD-padded
     text: Tensor | None = None  # (B, E) query_encoder's embedding of each row's first sentence or line
     text_mask: Tensor | None = None  # (B, T) positions that have read all of it (aligned like the input ids)
+    # query_route: search — n -> (B, n) the text's top rows, searched once per batch (not per decoding step)
+    text_hits: dict[int, Tensor] = field(default_factory=dict)
+
+    def search_text(self, n: int) -> Tensor:
+        if n not in self.text_hits:
+            self.text_hits[n] = self.table.search_text(self.text, n)
+        return self.text_hits[n]
 
     def to(self, device: torch.device) -> PlugInputs:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -281,7 +288,7 @@ class KnowledgeAttention(nn.Module):
         read, gold = None, inputs.gold  # read (B, T): the positions that retrieve by the text
         if self.text_search:
             read = read_mask(inputs.text, inputs.text_mask, T, "PlugLM")
-            rows = torch.where(read[..., None], table.search_text(inputs.text, N)[:, None, :], rows)
+            rows = torch.where(read[..., None], inputs.search_text(N)[:, None, :], rows)
             gold = None if gold is None else gold.masked_fill(read, -1)  # nothing to teach the learnt query
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
             # Teacher forcing: where the search missed the gold entry, it takes the last slot, so reading is

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from memlm.data.pack import IGNORE_INDEX
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
@@ -57,21 +56,13 @@ class KeyTable:
         self.text_keys: Tensor | None = None
         self._text_faiss = None
 
+    _TENSORS = ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys", "key_split", "text_keys")
+
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device: torch.device) -> KeyTable:
-        names = (
-            "ids",
-            "key_tokens",
-            "key_len",
-            "value_tokens",
-            "value_len",
-            "keys",
-            "key_split",
-            "text_keys",
-        )
-        for name in names:
+        for name in self._TENSORS:
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -252,16 +243,11 @@ class PlugLMReader(MemoryReader):
             overrides.append([(r, self._value_ids(e, subs)) for r, e in entries if e.object in subs])
         batch = self.collate(rows, [1] * len(rows), used=used)
         B, T = batch.input_ids.shape
-        for i, where in noised:  # a random token is no target
-            for t in where:
-                if 0 < t <= T:
-                    batch.targets[i, t - 1] = IGNORE_INDEX
+        self.ignore_noised(batch.targets, noised)
         text = text_mask = None
         if self.question is not None:
-            text, text_mask = (
-                self.question.embed(swapped),
-                self.question.mask(swapped, rows, T, left_pad=False),
-            )
+            text = self.question.embed(swapped)
+            text_mask = self.question.mask(swapped, rows, T, left_pad=False)
         gold = torch.full((B, T), -1, dtype=torch.long)
         for i, g in enumerate(golds):
             g = g[1 : T + 1]  # position t is labelled with the entry of token t + 1 (its target)

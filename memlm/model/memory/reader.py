@@ -152,6 +152,15 @@ class MemoryReader:
                 where.append(i)
         return out, where
 
+    @staticmethod
+    def ignore_noised(targets: Tensor, noised: Sequence[tuple[int, list[int]]]) -> None:
+        """A random token is no target: for (row, positions) from :meth:`cue_noise`, ignore those targets."""
+        T = targets.shape[1]
+        for b, where in noised:
+            for t in where:
+                if 0 < t <= T:
+                    targets[b, t - 1] = IGNORE_INDEX
+
     def decode_steps(self, max_new_tokens: int) -> int:
         """Decoding steps for an answer of ``max_new_tokens`` text tokens: more where a design writes tokens
         that are not answer text (LMLM's lookups), so they do not eat the answer's budget."""
