@@ -158,3 +158,23 @@ def test_a_worker_exits_when_the_experiment_is_killed(tmp_path):
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive
+
+
+def test_the_cpu_experiment_trains_each_design_as_its_shipped_config():
+    """configs/experiment/cpu.yaml runs each design "as configs/<design>.yaml": a recipe shipped in one and not
+    the other (session 24 shipped PlugLM's question routing in configs/pluglm.yaml only) fails here."""
+    import yaml
+
+    from memlm.model.memory import get_memory_design
+    from memlm.model.memory.base import parse_options
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    exp = yaml.safe_load((root / "experiment" / "cpu.yaml").read_text())
+    assert set(exp["design_options"]) == set(exp["designs"]) - {"none"}
+    for design, options in exp["design_options"].items():
+        shipped = yaml.safe_load((root / f"{design}.yaml").read_text())["model"]
+        cls = get_memory_design(design).options_class
+        got = parse_options(cls, options, design=design)
+        assert got == parse_options(cls, shipped["memory_options"], design=design), design
+        assert exp["design_layers"].get(design) == shipped.get("memory_layers"), design
+        assert {k: exp["model"][k] for k in exp["model"]} == {k: shipped[k] for k in exp["model"]}, design

@@ -576,9 +576,11 @@ def test_query_encoder_retrieves_by_the_question_once_it_is_read(bios, bank, tok
     target = int(table.ids[(table.text_keys @ q).masked_fill(table.ids < 0, -1e9).argmax()])
     first = Generator(m, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
     assert target in first.retrieved
+    gone = int((reader.table.ids == target).nonzero())
     bank.delete([target])
     again = Generator(m, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
     assert target not in again.retrieved
+    assert gone not in reader.table.search_text(q[None], len(reader.table))[1].tolist()  # its row: dead
 
 
 def test_cue_noise_replaces_cue_words_but_never_the_name_or_the_answer(bios, bank, tokenizer):

@@ -45,7 +45,7 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, part_tokens
 from memlm.model.memory.pk_search import ProductKeySearch
-from memlm.model.memory.question import QuestionReader, read_mask
+from memlm.model.memory.question import TEXT_INDEXES, QuestionReader, TextIndex, read_mask
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 from memlm.model.memory.registry import register_memory_design
 
@@ -91,6 +91,7 @@ class ExplicitLMOptions:
     # keys (RAG's search), scored by that similarity; the learnt query retrieves everywhere else. None: off
     query_encoder: str | None = None
     query_encoder_dim: int = 384  # that encoder's output width (minilm: 384)
+    text_index: str = "auto"  # the question's search: exact (torch) | faiss | auto: FAISS from 50,000 entries
 
     def __post_init__(self) -> None:
         from memlm.bank.vectors import KEYS
@@ -109,6 +110,10 @@ class ExplicitLMOptions:
                      "cell_cap", "refresh_every", "tau_steps", "implicit_tokens", "query_encoder_dim"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_index not in TEXT_INDEXES:
+            raise ConfigError(
+                f"model.memory_options.text_index must be one of {list(TEXT_INDEXES)}, got {self.text_index!r}"
+            )
         if self.read_k > self.fine_k:
             raise ConfigError(
                 f"model.memory_options.read_k ({self.read_k}) must be <= fine_k ({self.fine_k})"
@@ -259,8 +264,9 @@ class EntryTable:
         self.key_split = torch.zeros(n_implicit, dtype=torch.long) if o.key == "parts" else None
         self.text_tokens = torch.full((n_implicit, o.text_tokens), pad_id, dtype=torch.long)
         self.alive = torch.ones(n_implicit, dtype=torch.bool)
-        # query_encoder: that encoder's vector of each row's key (zero for slots and dead rows); None: off
-        self.text_keys: Tensor | None = None
+        # query_encoder: that encoder's vectors of the rows' keys and their search (slots, dead rows: none)
+        self.text: TextIndex | None = None
+        self.text_index = o.text_index
         self.search = ProductKeySearch(
             o.key_dim, cell_size=o.cell_size, topk_half=o.topk_half, n_cells=o.n_cells, cell_cap=o.cell_cap
         )
@@ -277,9 +283,11 @@ class EntryTable:
     def to(self, device: torch.device | str) -> EntryTable:
         device = torch.device(device)
         if device != self.device:
-            for name in ("ids", "key_tokens", "text_tokens", "alive", "key_split", "text_keys"):
+            for name in ("ids", "key_tokens", "text_tokens", "alive", "key_split"):
                 if getattr(self, name) is not None:
                     setattr(self, name, getattr(self, name).to(device))
+            if self.text is not None:
+                self.text.to(device)
             self.search.to(device)
             self.device = device
         return self
@@ -302,10 +310,8 @@ class EntryTable:
             self.alive = torch.cat([self.alive, self.alive.new_zeros(grow)])
             if self.key_split is not None:
                 self.key_split = torch.cat([self.key_split, self.key_split.new_zeros(grow)])
-            if self.text_keys is not None:
-                self.text_keys = torch.cat(
-                    [self.text_keys, self.text_keys.new_zeros(grow, self.text_keys.shape[1])]
-                )
+            if self.text is not None:
+                self.text.grow(len(self))
         rows, alive = rows.to(self.device), alive.to(self.device)
         self.ids[rows] = ids.to(self.device).masked_fill(~alive, -1)
         self.key_tokens[rows] = key_tokens.to(self.device).masked_fill(~alive[:, None], self.pad_id)
@@ -313,28 +319,27 @@ class EntryTable:
         self.alive[rows] = alive
         if self.key_split is not None:
             self.key_split[rows] = key_split.to(self.device).masked_fill(~alive, 0)
+        if self.text is not None:  # a dead row is never found by the question again
+            self.text.remove(rows[~alive])
 
     def set_text_keys(self, rows: Tensor, vectors: Tensor) -> None:
-        """The query encoder's vectors (n, E) of explicit ``rows`` (set after :meth:`set_rows`)."""
-        if self.text_keys is None:
-            self.text_keys = torch.zeros(len(self), vectors.shape[1], device=self.device)
-        self.text_keys[rows.to(self.device)] = vectors.to(self.device, torch.float32)
+        """The query encoder's vectors (n, E) of live explicit ``rows`` (set after :meth:`set_rows`)."""
+        if self.text is None:
+            self.text = TextIndex(vectors.shape[1], index=self.text_index, device=self.device)
+            self.text.grow(len(self))
+        self.text.set(rows, vectors)
 
-    @torch.no_grad()
+    @property
+    def text_keys(self) -> Tensor | None:
+        """(len, E) the query encoder's vectors by row (zeros for slots and dead rows); None: no query encoder."""
+        return None if self.text is None else self.text.vectors
+
     def search_text(self, queries: Tensor, n: int) -> tuple[Tensor, Tensor]:
         """Query encoder embeddings (Q, E) -> (cosines, rows), each (Q, n), best first, over the live explicit
-        rows (exact: one product per text, not per token); -inf and -1 where fewer than n are alive."""
-        if self.text_keys is None:
+        rows (one search per text, not per token; FAISS at scale); -inf and -1 where fewer than n are alive."""
+        if self.text is None:
             raise ValueError("this entry table has no text keys (query_encoder sets them)")
-        sims = queries.float() @ self.text_keys.T
-        live = self.alive & (torch.arange(len(self), device=self.device) >= self.M)
-        sims = sims.masked_fill(~live, float("-inf"))
-        top, rows = sims.topk(min(n, len(self)), dim=-1)
-        rows = rows.masked_fill(~torch.isfinite(top), -1)
-        if top.shape[1] < n:  # fewer rows than n: pad
-            pad = n - top.shape[1]
-            top, rows = F.pad(top, (0, pad), value=float("-inf")), F.pad(rows, (0, pad), value=-1)
-        return top, rows
+        return self.text.search(queries, n)
 
     @torch.no_grad()
     def encode_keys(self, encoder: EntryEncoder, embed: nn.Embedding, rows: Tensor | None = None) -> Tensor:

@@ -65,6 +65,7 @@ class PlugLMOptions:
     value: str = "vector"  # vector: one pooled vector per entry (paper) | tokens: one value per entry token
     encoder: str = "shared"  # shared: the LM's own token embeddings (paper) | own: a separate embedding table
     index: str = "auto"  # exact (torch matmul) | faiss (IndexFlatIP) | auto: faiss from 50,000 entries on
+    # (query_route search: the question's search likewise, through memlm's FAISS index: IVF from 50,000 on)
     refresh_every: int = 200  # training steps between full key-table refreshes (paper: ~200); stale between
     replace_ffn: bool = True  # True: memory layers have no FFN (paper); False: the memory joins the FFN
     aux_weight: float = 0.5  # weight of the gold-entry retrieval loss (0: off)

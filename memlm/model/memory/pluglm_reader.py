@@ -32,7 +32,7 @@ from torch import Tensor
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
-from memlm.model.memory.question import QuestionReader, key_text
+from memlm.model.memory.question import QuestionReader, TextIndex, key_text
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 
 FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
@@ -53,10 +53,9 @@ class KeyTable:
         self.keys = torch.zeros(len(ids), key_dim, device=ids.device)
         self.version = 0  # full key refreshes so far
         self._faiss = None
-        self.text_keys: Tensor | None = None
-        self._text_faiss = None
+        self.text: TextIndex | None = None  # query_route search: the query encoder's vectors and their search
 
-    _TENSORS = ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys", "key_split", "text_keys")
+    _TENSORS = ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys", "key_split")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -65,6 +64,8 @@ class KeyTable:
         for name in self._TENSORS:
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
+        if self.text is not None:
+            self.text.to(device)
         return self
 
     def set_keys(self, keys: Tensor) -> None:
@@ -77,8 +78,13 @@ class KeyTable:
         """Install the query encoder's vectors of the entries' keys (M, E), row for row with ``ids``."""
         if keys.shape[0] != len(self):
             raise ValueError(f"{keys.shape[0]} text keys for a table of {len(self)} entries")
-        self.text_keys = keys.detach().to(self.ids.device, torch.float32)
-        self._text_faiss = self._index(self.text_keys)
+        self.text = TextIndex(keys.shape[1], index=self.index, device=self.ids.device)
+        self.text.set(torch.arange(len(self)), keys.detach())
+
+    @property
+    def text_keys(self) -> Tensor | None:
+        """(M, E) the query encoder's vectors, row for row with ``ids``; None: not set."""
+        return None if self.text is None else self.text.vectors
 
     def _index(self, keys: Tensor):
         if self.index == "faiss" or (self.index == "auto" and len(self) >= FAISS_FROM):
@@ -95,9 +101,9 @@ class KeyTable:
 
     def search_text(self, queries: Tensor, n: int) -> Tensor:
         """Query encoder embeddings (Q, E) -> table rows (Q, n) of the most similar ``text_keys``."""
-        if self.text_keys is None:
+        if self.text is None:
             raise ValueError("this key table has no text keys (query_route: search sets them)")
-        return _top_n(queries, self.text_keys, self._text_faiss, n)
+        return self.text.search(queries, n)[1]
 
 
 @torch.no_grad()
