@@ -80,12 +80,19 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
     assert {"bios", "bios-rag-train", "bios-rag-low_10", "bios-rag-low_100"} <= banks
     assert not any(n.startswith("bios-none") for n in banks)  # dense reads no bank
 
+    # A default spelled out is the same recipe: the finished runs are reused, nothing retrains.
+    trained = (out / "runs" / "bios" / "rag" / "train" / "final" / "model.safetensors").stat().st_mtime_ns
+    cfg.write_text(TINY.format(out=out).replace("swap_prob: 0.5", "swap_prob: 0.5, entry_tokens: 48"))
+    assert main(["experiment", "--config", str(cfg), "--quiet"]) == 0
+    assert (out / "runs" / "bios" / "rag" / "train" / "final" / "model.safetensors").stat().st_mtime_ns == trained
+
     # A finished run is not reused under a changed recipe: its numbers would be reported as the new one's.
     cfg.write_text(TINY.format(out=out).replace("swap_prob: 0.5", "swap_prob: 0.25"))
     capsys.readouterr()
     assert main(["experiment", "--config", str(cfg), "--quiet"]) != 0
     assert re.search(
-        r"rag/train was trained with another recipe .*'swap_prob': 0.5} -> .*0.25", capsys.readouterr().err
+        r"rag/train was trained with another recipe .*model.memory_options.swap_prob: 0.5 -> 0.25",
+        capsys.readouterr().err,
     )
 
 

@@ -489,8 +489,26 @@ def _trajectory(cfg: RunConfig, world_size: int, tokenizer_fp: str, n_train_toke
 def recipe_changes(old: RunConfig, new: RunConfig) -> list[str]:
     """``key: old -> new`` for every config value that changes what training computes (not where it logs)."""
     ignore = NOT_TRAJECTORY - {"train.batch_size", "train.grad_accum"}  # on one device, these are the batch
-    a, b = ({k: v for k, v in _flatten(c.to_dict()).items() if k not in ignore} for c in (old, new))
+    a, b = ({k: v for k, v in _recipe(c).items() if k not in ignore} for c in (old, new))
     return _changes(a, b)
+
+
+def _recipe(cfg: RunConfig) -> dict:
+    """Flattened config, memory options parsed by their design (a default spelled out is the same recipe, and a
+    changed option is named on its own: ``model.memory_options.cue_noise: 0.0 -> 0.5``)."""
+    flat = _flatten(cfg.to_dict())
+    if cfg.model.memory:
+        from memlm.model.memory import get_memory_design
+        from memlm.model.memory.base import parse_options
+
+        try:
+            design = get_memory_design(cfg.model.memory)
+        except (KeyError, ConfigError):  # not registered here: compared as written
+            return flat
+        options = parse_options(design.options_class, cfg.model.memory_options, design=cfg.model.memory)
+        del flat["model.memory_options"]
+        flat.update({f"model.memory_options.{k}": v for k, v in vars(options).items()})
+    return flat
 
 
 def _changes(old: dict, new: dict) -> list[str]:
