@@ -84,7 +84,9 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
     trained = (out / "runs" / "bios" / "rag" / "train" / "final" / "model.safetensors").stat().st_mtime_ns
     cfg.write_text(TINY.format(out=out).replace("swap_prob: 0.5", "swap_prob: 0.5, entry_tokens: 48"))
     assert main(["experiment", "--config", str(cfg), "--quiet"]) == 0
-    assert (out / "runs" / "bios" / "rag" / "train" / "final" / "model.safetensors").stat().st_mtime_ns == trained
+    assert (
+        out / "runs" / "bios" / "rag" / "train" / "final" / "model.safetensors"
+    ).stat().st_mtime_ns == trained
 
     # A finished run is not reused under a changed recipe: its numbers would be reported as the new one's.
     cfg.write_text(TINY.format(out=out).replace("swap_prob: 0.5", "swap_prob: 0.25"))
