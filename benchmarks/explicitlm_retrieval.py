@@ -13,7 +13,7 @@ The per-token cost of the coarse stage grows with sqrt(N) (K sub-keys per half),
 the exact search grows with N.
 
 With ``query_encoder`` a prompt's question also searches once per text (not per token) by the encoder's
-vectors (:class:`memlm.model.memory.question.TextIndex`): ``--text`` times that search per question at the
+vectors (:class:`memlm.model.memory.row_index.RowIndex`): ``--text`` times that search per question at the
 same sizes on random 384-d unit vectors (MiniLM's width), exact torch against ``text_index: auto`` (FAISS
 IVF from 50,000 entries on), with recall@1 against exact for questions near a random entry's vector::
 
@@ -105,7 +105,7 @@ def measure_text(n_entries: int, args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from memlm.model.memory.question import TextIndex
+    from memlm.model.memory.row_index import RowIndex
 
     g = torch.Generator().manual_seed(1)
     vectors = F.normalize(torch.randn(n_entries, args.text_dim, generator=g), dim=1)
@@ -116,7 +116,7 @@ def measure_text(n_entries: int, args) -> dict:
     found = {}
     for index in ("exact", "auto"):
         t0 = time.perf_counter()
-        t = TextIndex(args.text_dim, index=index)
+        t = RowIndex(args.text_dim, index=index)
         t.set(torch.arange(n_entries), vectors)
         out[f"{index}_build_s"] = time.perf_counter() - t0
         out[f"{index}_us_per_question"] = (

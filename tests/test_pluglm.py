@@ -260,7 +260,7 @@ def test_exact_and_faiss_give_the_same_top_n():
                      value_len=torch.ones(5000, dtype=torch.long), pad_id=0, key_dim=32, index=kind)  # fmt: skip
         t.set_keys(keys)
         tables[kind] = t
-    assert tables["faiss"]._faiss is not None and tables["exact"]._faiss is None
+    assert tables["faiss"].key_index.uses_faiss and not tables["exact"].key_index.uses_faiss
     exact, faiss = tables["exact"].search(queries, 8), tables["faiss"].search(queries, 8)
     assert torch.equal(exact, faiss)
     brute = (queries @ keys.T).argsort(dim=-1, descending=True)[:, :8]

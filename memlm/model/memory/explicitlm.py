@@ -45,9 +45,10 @@ from memlm.errors import ConfigError
 from memlm.model.memory.base import LayerHooks, MemoryContext, MemoryDesign
 from memlm.model.memory.parts import join_halves, part_tokens
 from memlm.model.memory.pk_search import ProductKeySearch
-from memlm.model.memory.question import TEXT_INDEXES, QuestionReader, TextIndex, read_mask
+from memlm.model.memory.question import QuestionReader, read_mask
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
 from memlm.model.memory.registry import register_memory_design
+from memlm.model.memory.row_index import INDEXES, RowIndex
 
 
 @dataclass
@@ -110,9 +111,9 @@ class ExplicitLMOptions:
                      "cell_cap", "refresh_every", "tau_steps", "implicit_tokens", "query_encoder_dim"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.memory_options.{name} must be >= 1, got {getattr(self, name)}")
-        if self.text_index not in TEXT_INDEXES:
+        if self.text_index not in INDEXES:
             raise ConfigError(
-                f"model.memory_options.text_index must be one of {list(TEXT_INDEXES)}, got {self.text_index!r}"
+                f"model.memory_options.text_index must be one of {list(INDEXES)}, got {self.text_index!r}"
             )
         if self.read_k > self.fine_k:
             raise ConfigError(
@@ -265,7 +266,7 @@ class EntryTable:
         self.text_tokens = torch.full((n_implicit, o.text_tokens), pad_id, dtype=torch.long)
         self.alive = torch.ones(n_implicit, dtype=torch.bool)
         # query_encoder: that encoder's vectors of the rows' keys and their search (slots, dead rows: none)
-        self.text: TextIndex | None = None
+        self.text: RowIndex | None = None
         self.text_index = o.text_index
         self.search = ProductKeySearch(
             o.key_dim, cell_size=o.cell_size, topk_half=o.topk_half, n_cells=o.n_cells, cell_cap=o.cell_cap
@@ -325,7 +326,7 @@ class EntryTable:
     def set_text_keys(self, rows: Tensor, vectors: Tensor) -> None:
         """The query encoder's vectors (n, E) of live explicit ``rows`` (set after :meth:`set_rows`)."""
         if self.text is None:
-            self.text = TextIndex(vectors.shape[1], index=self.text_index, device=self.device)
+            self.text = RowIndex(vectors.shape[1], index=self.text_index, device=self.device)
             self.text.grow(len(self))
         self.text.set(rows, vectors)
 

@@ -64,8 +64,9 @@ class PlugLMOptions:
     # keys then differ by a whole half, not by the one or two relation tokens inside one pooled vector
     value: str = "vector"  # vector: one pooled vector per entry (paper) | tokens: one value per entry token
     encoder: str = "shared"  # shared: the LM's own token embeddings (paper) | own: a separate embedding table
-    index: str = "auto"  # exact (torch matmul) | faiss (IndexFlatIP) | auto: faiss from 50,000 entries on
-    # (query_route search: the question's search likewise, through memlm's FAISS index: IVF from 50,000 on)
+    # the keys' search (and query_route search's): exact (torch matmul) | faiss (memlm's FAISS index: flat below
+    # 50,000 entries, IVF from there on) | auto: exact below 50,000 entries, faiss from there on (row_index.py)
+    index: str = "auto"
     refresh_every: int = 200  # training steps between full key-table refreshes (paper: ~200); stale between
     replace_ffn: bool = True  # True: memory layers have no FFN (paper); False: the memory joins the FFN
     aux_weight: float = 0.5  # weight of the gold-entry retrieval loss (0: off)
@@ -285,12 +286,19 @@ class KnowledgeAttention(nn.Module):
         n = self.top_n if self.training or self.read_top_n is None else self.read_top_n
         N = min(n, len(table))
         q = self.retrieval_query(h, self._text_term(inputs, T))  # (B, T, dk): from tokens <= t only
-        rows = table.search(q.detach().reshape(B * T, -1), N).view(B, T, N)  # stale keys, no gradient
+        flat_q = q.detach().reshape(B * T, -1)  # the search uses stale keys: no gradient
         read, gold = None, inputs.gold  # read (B, T): the positions that retrieve by the text
         if self.text_search:
             read = read_mask(inputs.text, inputs.text_mask, T, "PlugLM")
-            rows = torch.where(read[..., None], inputs.search_text(N)[:, None, :], rows)
+            rows = inputs.search_text(N)[:, None, :].expand(B, T, N).clone()
+            learnt = ~read.reshape(
+                -1
+            )  # only these search by the learnt query (decoding after a prompt: none)
+            if learnt.any():
+                rows.view(B * T, N)[learnt] = table.search(flat_q[learnt], N)
             gold = None if gold is None else gold.masked_fill(read, -1)  # nothing to teach the learnt query
+        else:
+            rows = table.search(flat_q, N).view(B, T, N)
         if self.training and self.teacher_forcing > 0 and inputs.gold is not None:
             # Teacher forcing: where the search missed the gold entry, it takes the last slot, so reading is
             # learnt while retrieval is still poor (an 800-step run found the gold half the time and read

@@ -3,7 +3,8 @@
 The :class:`KeyTable` holds every entry in the reader's namespaces: bank ids, the token ids its keys and values
 are encoded from (cached by content hash and tokenizer fingerprint, so an edit re-tokenises one entry and a
 deleted entry leaves nothing behind), and the key matrix the memory layers search by maximum inner product
-(exact torch top-N, or a FAISS ``IndexFlatIP``: the same top-N on the same keys, ``tests/test_pluglm.py``).
+(:class:`~memlm.model.memory.row_index.RowIndex`: exact torch top-N, or memlm's FAISS index, flat (the same
+top-N on the same keys, ``tests/test_pluglm.py``) below 50,000 entries and IVF from there on).
 
 Keys are refreshed from the current knowledge encoder every ``refresh_every`` training steps (stale in between,
 as in the paper; ``version`` counts refreshes) and whenever the bank changes. Plugging knowledge in or out is a
@@ -32,15 +33,15 @@ from torch import Tensor
 from memlm.model.memory.base import MemoryContext
 from memlm.model.memory.parts import part_tokens
 from memlm.model.memory.pluglm import PlugInputs, PlugLMOptions
-from memlm.model.memory.question import QuestionReader, TextIndex, key_text
+from memlm.model.memory.question import QuestionReader, key_text
 from memlm.model.memory.reader import MemoryReader, PromptBatch, TrainBatch, as_in_a_sentence
-
-FAISS_FROM = 50_000  # index "auto": exact torch top-N below this many entries, FAISS from here on
+from memlm.model.memory.row_index import RowIndex
 
 
 class KeyTable:
     """Every entry in scope: ids (M,), key/value token ids (M, L) PAD-padded with lengths, keys (M, key_dim);
-    with ``query_route: search`` also ``text_keys`` (M, E), the query encoder's vectors of the same keys."""
+    with ``query_route: search`` also ``text_keys`` (M, E), the query encoder's vectors of the same keys. Both
+    are searched through a :class:`RowIndex` (``index``: exact torch, or memlm's FAISS index at scale)."""
 
     def __init__(
         self, *, ids: Tensor, key_tokens: Tensor, key_len: Tensor, value_tokens: Tensor, value_len: Tensor,
@@ -50,35 +51,41 @@ class KeyTable:
         self.key_tokens, self.key_len = key_tokens, key_len
         self.key_split = key_split  # (M,) subject tokens before the relation's (key: parts); None: one pool
         self.value_tokens, self.value_len = value_tokens, value_len
-        self.keys = torch.zeros(len(ids), key_dim, device=ids.device)
+        self.key_index = RowIndex(key_dim, index="exact", device=ids.device)  # zeros until the first refresh
+        self.key_index.set(torch.arange(len(ids)), torch.zeros(len(ids), key_dim))
         self.version = 0  # full key refreshes so far
-        self._faiss = None
-        self.text: TextIndex | None = None  # query_route search: the query encoder's vectors and their search
+        self.text: RowIndex | None = None  # query_route search: the query encoder's vectors and their search
 
-    _TENSORS = ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "keys", "key_split")
+    _TENSORS = ("ids", "key_tokens", "key_len", "value_tokens", "value_len", "key_split")
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def keys(self) -> Tensor:
+        """(M, key_dim) the keys of the current version (stale between refreshes in training)."""
+        return self.key_index.vectors
 
     def to(self, device: torch.device) -> KeyTable:
         for name in self._TENSORS:
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
-        if self.text is not None:
-            self.text.to(device)
+        for index in (self.key_index, self.text):
+            if index is not None:
+                index.to(device)
         return self
 
     def set_keys(self, keys: Tensor) -> None:
-        """Install a full key matrix (M, key_dim): a new version; the FAISS index is rebuilt from it."""
-        self.keys = keys.detach().to(self.ids.device, torch.float32)
+        """Install a full key matrix (M, key_dim): a new version, its index built anew (IVF centroids follow)."""
+        self.key_index = RowIndex(keys.shape[1], index=self.index, device=self.ids.device)
+        self.key_index.set(torch.arange(len(self)), keys.detach())
         self.version += 1
-        self._faiss = self._index(self.keys)
 
     def set_text_keys(self, keys: Tensor) -> None:
         """Install the query encoder's vectors of the entries' keys (M, E), row for row with ``ids``."""
         if keys.shape[0] != len(self):
             raise ValueError(f"{keys.shape[0]} text keys for a table of {len(self)} entries")
-        self.text = TextIndex(keys.shape[1], index=self.index, device=self.ids.device)
+        self.text = RowIndex(keys.shape[1], index=self.index, device=self.ids.device)
         self.text.set(torch.arange(len(self)), keys.detach())
 
     @property
@@ -86,37 +93,21 @@ class KeyTable:
         """(M, E) the query encoder's vectors, row for row with ``ids``; None: not set."""
         return None if self.text is None else self.text.vectors
 
-    def _index(self, keys: Tensor):
-        if self.index == "faiss" or (self.index == "auto" and len(self) >= FAISS_FROM):
-            from memlm.index.faiss_index import _faiss
-
-            index = _faiss().IndexFlatIP(keys.shape[1])
-            index.add(keys.cpu().numpy())
-            return index
-        return None
-
     def search(self, queries: Tensor, n: int) -> Tensor:
         """queries (Q, key_dim) -> table rows (Q, n) of the largest inner products, best first."""
-        return _top_n(queries, self.keys, self._faiss, n)
+        return _filled(self.key_index.search(queries, n)[1])
 
     def search_text(self, queries: Tensor, n: int) -> Tensor:
         """Query encoder embeddings (Q, E) -> table rows (Q, n) of the most similar ``text_keys``."""
         if self.text is None:
             raise ValueError("this key table has no text keys (query_route: search sets them)")
-        return self.text.search(queries, n)[1]
+        return _filled(self.text.search(queries, n)[1])
 
 
-@torch.no_grad()
-def _top_n(queries: Tensor, keys: Tensor, faiss_index, n: int) -> Tensor:
-    """Rows of ``keys`` with the n largest inner products per query, best first: FAISS where it indexes them,
-    else exact torch (the same top-n, tests/test_pluglm.py)."""
-    if faiss_index is not None:
-        _, rows = faiss_index.search(queries.float().cpu().numpy(), n)
-        return torch.from_numpy(rows).to(queries.device)
-    out = []
-    for chunk in queries.float().split(4096):  # bounds the (chunk, M) score matrix
-        out.append((chunk @ keys.T).topk(n, dim=-1).indices)
-    return torch.cat(out) if out else torch.zeros(0, n, dtype=torch.long, device=queries.device)
+def _filled(rows: Tensor) -> Tensor:
+    """An IVF search may find fewer than n rows in the lists it probes: the layer reads n, so the best one
+    found fills the gap (every row of a PlugLM table is live, so exact search never leaves one)."""
+    return torch.where(rows < 0, rows[:, :1].clamp(min=0), rows)
 
 
 class PlugLMReader(MemoryReader):
