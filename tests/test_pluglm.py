@@ -267,6 +267,15 @@ def test_exact_and_faiss_give_the_same_top_n():
     assert torch.equal(exact, brute)
 
 
+def test_an_ivf_search_that_finds_fewer_than_n_rows_reads_its_best_one_in_their_place():
+    """IVF probes some lists only and may return -1 past what it found; the layer indexes with every row, and a
+    -1 would read the table's last entry."""
+    from memlm.model.memory.pluglm_reader import _filled
+
+    rows = torch.tensor([[3, 7, -1, -1], [-1, -1, -1, -1], [1, 2, 4, 5]])
+    assert _filled(rows).tolist() == [[3, 7, 3, 3], [0, 0, 0, 0], [1, 2, 4, 5]]
+
+
 def test_namespaces_scope_retrieval_and_plug_in_out_without_training(bios, tokenizer, tmp_path):
     facts = [json.loads(x) for x in (bios / "facts.jsonl").read_text().splitlines()]
     half = len(facts) // 2
