@@ -452,13 +452,15 @@ class ExplicitLMLayer(nn.Module):
 
         x = h.flatten(0, 1)[pos]  # (n, C)
         q = self.retrieval_query(x)  # (n, key_dim)
-        _, cand = table.search.search(q.detach(), o.fine_k)  # coarse: cells + cached keys, (n, m)
         by_text = None  # (n,): the positions that retrieve by the question (query_encoder)
-        if inputs.text is not None:
+        if inputs.text is None:
+            _, cand = table.search.search(q.detach(), o.fine_k)  # coarse: cells + cached keys, (n, m)
+        else:
             by_text = read_mask(inputs.text, inputs.text_mask, T, "ExplicitLM").flatten()[pos]
-        if by_text is not None:
             t_sim, t_rows = inputs.search_text(o.fine_k)  # (B, m): once per row and batch
-            cand = torch.where(by_text[:, None], t_rows[pos // T], cand)
+            cand = t_rows[pos // T].clone()
+            if (~by_text).any():  # the coarse search only where the question is not read (decoding: nowhere)
+                cand[~by_text] = table.search.search(q.detach()[~by_text], o.fine_k)[1]
         gold = inputs.gold.flatten()[pos] if self.training and inputs.gold is not None else None
         extra = cand.new_zeros(0)  # gold rows the retrieval loss scores: where the learnt query retrieved
         if gold is not None and o.retrieval_weight > 0:
