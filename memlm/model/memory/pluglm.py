@@ -291,9 +291,8 @@ class KnowledgeAttention(nn.Module):
         if self.text_search:
             read = read_mask(inputs.text, inputs.text_mask, T, "PlugLM")
             rows = inputs.search_text(N)[:, None, :].expand(B, T, N).clone()
-            learnt = ~read.reshape(
-                -1
-            )  # only these search by the learnt query (decoding after a prompt: none)
+            # only the positions that have not read the text search by the learnt query (decoding: none)
+            learnt = ~read.reshape(-1)
             if learnt.any():
                 rows.view(B * T, N)[learnt] = table.search(flat_q[learnt], N)
             gold = None if gold is None else gold.masked_fill(read, -1)  # nothing to teach the learnt query
