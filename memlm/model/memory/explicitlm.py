@@ -465,12 +465,20 @@ class ExplicitLMLayer(nn.Module):
         extra = cand.new_zeros(0)  # gold rows the retrieval loss scores: where the learnt query retrieved
         if gold is not None and o.retrieval_weight > 0:
             extra = gold[gold >= 0] if by_text is None else gold[(gold >= 0) & ~by_text]
-        uniq, inv = torch.unique(torch.cat([cand.flatten().clamp(min=0), extra]), return_inverse=True)
-        keys = fresh_keys(self.encoder, inputs.embed, table, uniq)  # (U, d) with gradient
-        cand_keys = keys[inv[: cand.numel()]].view(*cand.shape, -1)  # (n, m, d)
-        scores = o.score_scale * torch.einsum("nd,nmd->nm", q, cand_keys)
+        # Fresh keys only for the learnt query's candidates: the question's picks are scored by its similarity.
+        learnt = slice(None) if by_text is None else ~by_text
+        own = cand[learnt]  # (n_learnt, m)
+        uniq, inv = torch.unique(torch.cat([own.flatten().clamp(min=0), extra]), return_inverse=True)
+        if len(uniq):
+            keys = fresh_keys(self.encoder, inputs.embed, table, uniq)  # (U, d) with gradient
+        else:  # every position picks by the question (decoding after a prompt)
+            keys = q.new_zeros(0, q.shape[1])
+        cand_keys = keys[inv[: own.numel()]].view(*own.shape, keys.shape[1])  # (n_learnt, m, d)
+        scores = o.score_scale * torch.einsum("nd,nmd->nm", q[learnt], cand_keys)
         if by_text is not None:  # the question's similarity picks there (fixed: nothing to learn)
-            scores = torch.where(by_text[:, None], o.score_scale * t_sim[pos // T].to(scores.dtype), scores)
+            text_scores = (o.score_scale * t_sim[pos // T]).to(scores.dtype)
+            text_scores[~by_text] = scores
+            scores = text_scores
         scores = scores.masked_fill(cand < 0, float("-inf"))  # fine stage: exact, differentiable
 
         found = torch.isfinite(scores).any(
@@ -498,9 +506,8 @@ class ExplicitLMLayer(nn.Module):
         self._record(memory, ids.view(B, T, -1))
 
         if self.training:  # the learnt query's losses, where it retrieved
-            learnt = slice(None) if by_text is None else ~by_text
             self._aux_losses(
-                memory, q[learnt], scores[learnt], cand[learnt], pick[learnt], cand_keys[learnt],
+                memory, q[learnt], scores[learnt], own, pick[learnt], cand_keys,
                 None if gold is None else gold[learnt], uniq, keys, table,
             )  # fmt: skip
         out[pos] = self._read(x, rows, weight, inputs, pos // T).to(out.dtype)
