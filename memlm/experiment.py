@@ -219,9 +219,8 @@ class Experiment:
                     target = self.root / "cells" / bench.name / design / f"{name}.json"
                     if target.is_file():
                         continue
-                    corpus = (
-                        MAIN if name.startswith("bank_x") else name
-                    )  # a bank-size cell reads the main run
+                    # A bank-size cell reads the main run.
+                    corpus = MAIN if name.startswith("bank_x") else name
                     changes = recipe_changes(
                         old.run_config(bench, design, corpus, data),
                         self.run_config(bench, design, corpus, data),
@@ -400,9 +399,8 @@ class Experiment:
         from memlm.generate import Generator
 
         run_cfg = self.run_config(bench, design, MAIN, data)
-        model_dir = self.train(
-            bench, design, MAIN, data, self.bank(bench)
-        )  # gone with an imported cell: retrain
+        # The main run, trained again where only its imported cells are here.
+        model_dir = self.train(bench, design, MAIN, data, self.bank(bench))
         bank = bank or Path(run_cfg.data.bank)
         records = sample_questions(load_qa(data, "unseen"), self.config.eval_questions or None)
         with Generator.from_pretrained(model_dir, bank=bank, device=self.device) as gen:
