@@ -153,6 +153,7 @@ class Experiment:
         else:
             for cell in todo:
                 self.cell(*cell)
+        left_out: dict[str, list[str]] = {}
         for bench in cfg.benchmarks:
             data = self.data(bench)
             for m in cfg.bank_sizes:
@@ -162,7 +163,9 @@ class Experiment:
                             self.evaluate_bank_size(bench, design, m, data)
                 except TooFewDistractors as err:
                     self.log(f"left out: {err}")
+                    left_out.setdefault(bench.name, []).append(str(err))
         results = self.collect(designs, skipped)
+        results["left_out"] = left_out
         write_json(self.root / "results.json", results)
         from memlm.eval.report import write_report
 

@@ -213,3 +213,16 @@ def test_a_bank_size_its_source_cannot_pad_is_left_out(tmp_path):
     with pytest.raises(TooFewDistractors, match=r"a 10000x geo bank needs [\d,]+ distractor facts"):
         exp.padded_bank(BenchmarkSpec("geo", max_cities=30), 10_000)
     assert not (tmp_path / "banks" / "geo_x10000").exists() and not any((tmp_path / "scratch").glob("*"))
+
+    # In a run, the report says so: the size is left out with its reason, the others measured.
+    exp.config = ExperimentConfig(
+        out_dir=str(tmp_path), encoder="hashing:64", designs=["none", "rag"],
+        design_options={"rag": {"k": 1, "encoder": "hashing:64"}}, benchmarks=[BenchmarkSpec("geo", max_cities=30)],
+        model={"vocab_size": 300, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 256},
+        train={"max_steps": 1, "batch_size": 2, "eval_every": 0, "save_every": 1},
+        low_data=[], bank_sizes=[1, 10_000], eval_questions=2, decode_prompts=2, max_new_tokens=2,
+    )  # fmt: skip
+    results = exp.run()
+    assert results["left_out"]["geo"][0].startswith("a 10000x geo bank needs")
+    assert set(results["benchmarks"]["geo"]["rag"]) == {"train", "bank_x1"}
+    assert "Left out: a 10000x geo bank needs" in (tmp_path / "report.md").read_text()

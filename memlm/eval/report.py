@@ -132,12 +132,14 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> Path:
                 "",
             ]
         sizes = bank_size_table(bench)
-        if sizes:
+        left_out = results.get("left_out", {}).get(name, [])
+        if sizes or left_out:
             lines += [
                 f"### {name}: bank size (unseen questions; bank padded with distractors)",
                 "",
                 *sizes,
                 "",
+                *(f"Left out: {why}." for why in left_out),
             ]
         for png in _plots(name, bench, plots):
             lines += [f"![{png.stem}](plots/{png.name})", ""]
