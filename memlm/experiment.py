@@ -179,9 +179,7 @@ class Experiment:
     def check_recipe(self, bench: BenchmarkSpec, design: str, corpus: str) -> None:
         """An evaluated cell's training run, where it is still here, must be the one this config trains (a cell
         imported without its run was checked against the config of the run that made it: :meth:`import_cells`)."""
-        run_cfg = self.run_config(bench, design, corpus, self.data(bench))
-        if (Path(run_cfg.out_dir) / "final" / "model.safetensors").is_file():
-            _check_same_recipe(Path(run_cfg.out_dir), run_cfg)
+        _finished_run(self.run_config(bench, design, corpus, self.data(bench)))
 
     def import_cells(self, path: str | Path) -> int:
         """Copy in the evaluated cells of an earlier run of this experiment (its ``results.json``) whose recipe this
@@ -219,7 +217,7 @@ class Experiment:
                 if design not in self.config.designs or design not in old.config.designs:
                     continue
                 for name, cell in cells.items():
-                    target = self.root / "cells" / bench.name / design / f"{name}.json"
+                    target = self.cell_path(bench, design, name)
                     if target.is_file():
                         continue
                     # A bank-size cell reads the main run.
@@ -346,9 +344,8 @@ class Experiment:
 
         run_cfg = self.run_config(bench, design, corpus, data)
         out = Path(run_cfg.out_dir)
-        if (out / "final" / "model.safetensors").is_file():
-            _check_same_recipe(out, run_cfg)
-            return out / "final"
+        if (final := _finished_run(run_cfg)) is not None:
+            return final
         if run_cfg.data.bank is not None and not Path(run_cfg.data.bank).is_dir():
             from memlm.eval.update import copy_bank
 
@@ -393,7 +390,7 @@ class Experiment:
         return cell
 
     def evaluate_bank_size(self, bench, design: str, m: int, data: Path) -> dict:
-        path = self.root / "cells" / bench.name / design / f"bank_x{m}.json"
+        path = self.cell_path(bench, design, f"bank_x{m}")
         if path.is_file():
             return json.loads(path.read_text())
         bank = self.padded_bank(bench, m)  # built once, and only for a cell still to measure
@@ -466,18 +463,23 @@ def _cell_in_worker(config: ExperimentConfig, progress: bool, bench, design: str
     Experiment(config, progress=progress, bars=progress and _SLOT == 0).cell(bench, design, corpus)
 
 
-def _check_same_recipe(run_dir: Path, cfg) -> None:
-    """A finished run is reused only if the config would train it again the same way (a changed recipe in the
-    experiment YAML must not be reported with numbers of the old one)."""
+def _finished_run(cfg) -> Path | None:
+    """The final checkpoint of the run ``cfg`` describes, if it finished (None if not), after checking that the
+    config would train it again the same way (a changed recipe in the experiment YAML must not be reported with
+    numbers of the old one)."""
     from memlm.config import load_config
     from memlm.train.loop import recipe_changes
 
+    run_dir = Path(cfg.out_dir)
+    if not (run_dir / "final" / "model.safetensors").is_file():
+        return None
     changes = recipe_changes(load_config(run_dir / "config.yaml"), cfg)
     if changes:
         raise ConfigError(
             f"{run_dir} was trained with another recipe than this experiment's ({'; '.join(changes[:4])}): "
             "delete that run (and its cells/ JSON) to retrain it, or use another out_dir"
         )
+    return run_dir / "final"
 
 
 def _generate(bench: BenchmarkSpec, out: Path) -> None:

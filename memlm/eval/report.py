@@ -139,7 +139,7 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> Path:
                 "",
                 *sizes,
                 "",
-                *(f"Left out: {why}." for why in left_out),
+                *(line for why in left_out for line in (f"Left out: {why}.", "")),
             ]
         for png in _plots(name, bench, plots):
             lines += [f"![{png.stem}](plots/{png.name})", ""]
