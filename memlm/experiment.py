@@ -306,10 +306,26 @@ class Experiment:
 
             with MemoryBank.open(tmp) as b:
                 b.add_many(extra, progress=self.progress)
-            _encode(tmp, self.config.encoder, progress=self.progress)
+            _encode(tmp, self.config.encoder, progress=self.progress, keys=self.keys_searched())
             (tmp / "READY").write_text("ok\n")
         shutil.rmtree(scratch, ignore_errors=True)
         return out
+
+    def keys_searched(self) -> list[str]:
+        """The vector keys (:data:`memlm.bank.vectors.KEYS`) this experiment's designs search a bank by: what a
+        padded bank encodes ahead (a 100x bios bank's second key alone is half an hour of MiniLM on two cores)."""
+        from memlm.bank.vectors import KEYS
+        from memlm.model.memory import get_memory_design, list_memory_designs
+
+        keys = set()
+        for design in set(self.config.designs) & set(list_memory_designs()):
+            cls = get_memory_design(design).options_class
+            # the options' default (a dataclass field's); None: the design searches no vectors (dense, LMLM)
+            default = getattr(cls, "key", None)
+            key = self.config.design_options.get(design, {}).get("key", default)
+            if key in KEYS:
+                keys.add(key)
+        return sorted(keys)
 
     # ---- training --------------------------------------------------------------------------------
     def run_config(self, bench: BenchmarkSpec, design: str, corpus: str, data: Path):
@@ -504,15 +520,16 @@ def _distractor_spec(bench: BenchmarkSpec, entries: int) -> BenchmarkSpec:
     return BenchmarkSpec("geo", max_cities=(bench.max_cities or 0) + entries // 3 + 10, seed=bench.seed)
 
 
-def _encode(bank_dir: Path, encoder: str, *, progress: bool) -> None:
-    """Encode every entry once (what the designs that search by text will read from the vector cache)."""
+def _encode(bank_dir: Path, encoder: str, *, progress: bool, keys=("about", "text")) -> None:
+    """Encode every entry's ``keys`` once (what the designs that search by text will read from the vector cache;
+    a key not encoded here is encoded by the first reader that needs it)."""
     from memlm.bank.store import MemoryBank
     from memlm.bank.vectors import VectorCache
     from memlm.encode import load_encoder
 
     enc = load_encoder(encoder)
     with MemoryBank.open(bank_dir) as b:
-        for key in ("about", "text"):
+        for key in keys:
             VectorCache(b, enc, key=key).sync(progress=progress)
 
 

@@ -226,3 +226,28 @@ def test_a_bank_size_its_source_cannot_pad_is_left_out(tmp_path):
     assert results["left_out"]["geo"][0].startswith("a 10000x geo bank needs")
     assert set(results["benchmarks"]["geo"]["rag"]) == {"train", "bank_x1"}
     assert "Left out: a 10000x geo bank needs" in (tmp_path / "report.md").read_text()
+
+
+def test_a_padded_bank_encodes_the_keys_the_designs_search_by(tmp_path):
+    """A 100x bios bank is 1.2 million entries: its MiniLM vectors are encoded ahead only for the keys some design
+    searches by (here RAG's text), not for every key."""
+    from memlm.bank.store import MemoryBank
+    from memlm.bank.vectors import VectorCache
+    from memlm.encode import load_encoder
+    from memlm.experiment import BenchmarkSpec, Experiment, ExperimentConfig
+
+    bench = BenchmarkSpec("bios", people=8, seed=0)
+    exp = Experiment(
+        ExperimentConfig(
+            out_dir=str(tmp_path), encoder="hashing:64", designs=["none", "rag", "lmlm"], benchmarks=[bench],
+            design_options={"rag": {"key": "text"}},
+        ),
+        progress=False,
+    )  # fmt: skip
+    # dense and LMLM search no vectors; RAG's default key (about) is overridden
+    assert exp.keys_searched() == ["text"]
+    enc = load_encoder("hashing:64")
+    with MemoryBank.open(exp.padded_bank(bench, 2), readonly=True) as bank:
+        assert bank.count() >= 1.5 * 8 * 6
+        assert VectorCache(bank, enc, key="text").count() == bank.count()
+        assert VectorCache(bank, enc, key="about").count() == 8 * 6  # the benchmark's bank's own, copied
