@@ -520,16 +520,16 @@ def _distractor_spec(bench: BenchmarkSpec, entries: int) -> BenchmarkSpec:
     return BenchmarkSpec("geo", max_cities=(bench.max_cities or 0) + entries // 3 + 10, seed=bench.seed)
 
 
-def _encode(bank_dir: Path, encoder: str, *, progress: bool, keys=("about", "text")) -> None:
-    """Encode every entry's ``keys`` once (what the designs that search by text will read from the vector cache;
-    a key not encoded here is encoded by the first reader that needs it)."""
+def _encode(bank_dir: Path, encoder: str, *, progress: bool, keys: list[str] | None = None) -> None:
+    """Encode every entry's ``keys`` once (None: every key of :data:`memlm.bank.vectors.KEYS`), what the designs
+    that search by text read from the vector cache; a key not encoded here is encoded by its first reader."""
     from memlm.bank.store import MemoryBank
-    from memlm.bank.vectors import VectorCache
+    from memlm.bank.vectors import KEYS, VectorCache
     from memlm.encode import load_encoder
 
     enc = load_encoder(encoder)
     with MemoryBank.open(bank_dir) as b:
-        for key in keys:
+        for key in KEYS if keys is None else keys:
             VectorCache(b, enc, key=key).sync(progress=progress)
 
 
