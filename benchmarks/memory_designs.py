@@ -81,6 +81,7 @@ def run_design(args) -> dict:
 
     from memlm.bank.store import MemoryBank
     from memlm.data.text import iter_corpus
+    from memlm.eval.speed import cold
     from memlm.generate import GenerationConfig, decode
     from memlm.model import GPT, ModelConfig
     from memlm.model.memory import get_memory_design
@@ -267,13 +268,6 @@ def options(args, design: str) -> dict:
         if name == design:
             out.update(json.loads(spec))
     return out
-
-
-def cold(reader) -> None:
-    """LMLM's sentence-vector cache starts empty for every timed decode: no path reuses another's encodes."""
-    relations = getattr(reader, "_relations", None)
-    if relations is not None:
-        relations.clear_cache()
 
 
 def _sync(device: str) -> None:

@@ -266,6 +266,11 @@ def test_product_keys_equal_exact_search_when_every_cell_is_searched_and_find_mo
     torch.testing.assert_close(full_s, exact_s)
     # candidates per query: n_cells * cap, not N
     assert s.candidates(q).shape[1] == 8 * s.cap < 2000 / 4
+    # a batch scores its distinct candidates once (a matmul), one query its own candidates: the same numbers
+    for i in range(0, 300, 37):
+        one_s, one_r = s.search(q[i : i + 1], 5)
+        assert torch.equal(one_r[0], approx_r[i])
+        torch.testing.assert_close(one_s[0], approx_s[i])
 
 
 def test_a_crowded_cell_spills_into_the_next_best_cells_so_every_row_stays_findable():
@@ -581,6 +586,31 @@ def test_query_encoder_retrieves_by_the_question_once_it_is_read(bios, bank, tok
     again = Generator(m, tokenizer, reader=reader).generate([prompt], max_new_tokens=2)[0]
     assert target not in again.retrieved
     assert gone not in reader.table.search_text(q[None], len(reader.table))[1].tolist()  # its row: dead
+
+
+def test_decoding_steps_reuse_the_read_entries_states_until_they_change(bios, bank, tokenizer, monkeypatch):
+    m = model(gate=0.5, query_encoder="hashing").eval()
+    reader = load_reader(None, m, tokenizer, bank=bank)
+    batch = reader.prompts(["Q: Where was Laura F. Glenholm born?\nA:"])
+    x = torch.tensor(batch.token_ids)
+    calls = []
+    states = m.blocks[1].cross.encoder.states
+    monkeypatch.setattr(m.blocks[1].cross.encoder, "states", lambda *a: calls.append(1) or states(*a))
+    with torch.no_grad():
+        first = m(x, memory=batch.memory).logits
+        again = m(x, memory=batch.memory).logits  # the same entries read: their states are kept
+        assert len(calls) == 1
+        torch.testing.assert_close(again, first)
+        layer(m).wkv.weight.mul_(2.0)  # an in-place update, as an optimizer makes
+        after = m(x, memory=batch.memory).logits
+        assert len(calls) == 2
+    fresh = m(x, memory=batch.memory).logits.detach()  # with gradient: never kept
+    assert not torch.allclose(after, first)
+    torch.testing.assert_close(after, fresh)
+    with torch.no_grad():  # the entries' tokens rewritten in place (as an edit does): computed again
+        reader.table.text_tokens.copy_(reader.table.text_tokens.roll(1, 0))
+        edited = m(x, memory=batch.memory).logits
+        assert len(calls) == 4 and not torch.allclose(edited, after)
 
 
 def test_cue_noise_replaces_cue_words_but_never_the_name_or_the_answer(bios, bank, tokenizer):

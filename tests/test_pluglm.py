@@ -232,6 +232,23 @@ def test_inference_cache_follows_weight_updates(bios, bank_dir, tokenizer):
     torch.testing.assert_close(after, uncached)
 
 
+def test_inference_gathers_the_read_tokens_with_the_vocabulary_wide_numbers(bios, bank_dir, tokenizer):
+    model = plug_model(value="tokens", read_top_n=1).eval()
+    layer = model.blocks[1].memory
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        batch = reader.prompts(["Q: Where was Laura F. Glenholm born?\nA:"])
+        x = torch.tensor(batch.token_ids)
+        L, cfg = reader.table.value_tokens.shape[1], model.config
+        assert L * cfg.n_embd <= layer.n_head * cfg.vocab_size  # what the gathered path asks
+        with torch.no_grad():  # no gradient, one entry read: the gathered path
+            gathered = model(x, memory=batch.memory).logits
+            bare = model(x).logits
+        vocab_wide = model(x, memory=batch.memory).logits.detach()  # with gradient: the training path
+    assert not torch.allclose(gathered, bare, atol=1e-3)  # the memory is read: the comparison has content
+    torch.testing.assert_close(gathered, vocab_wide, rtol=1e-5, atol=1e-5)
+
+
 def test_empty_memory_leaves_the_backbone_unchanged(tokenizer):
     model = plug_model(replace_ffn=False).eval()
     x = torch.randint(5, 400, (2, 12))
@@ -549,3 +566,20 @@ def test_query_route_search_retrieves_by_the_text_once_it_is_read(bios, bank_dir
         assert want not in again.retrieved and want not in reader.table.ids.tolist()
     with pytest.raises(ConfigError, match="query_route"):
         plug_model(query_route="search")
+
+
+def test_a_timed_decode_encodes_its_questions_as_rag_does(bios, bank_dir, tokenizer):
+    """The question reader's embedding cache would let the timed pass reuse the warm-up's encodings: speed
+    measurements start it empty, so a routed design pays for its questions like RAG and Memory³ do."""
+    from memlm.eval.speed import decode_tokens_per_s
+
+    model = plug_model(query_encoder="hashing", query_route="search").eval()
+    prompts = ["Q: Where was Laura F. Glenholm born?\nA:", "Q: Who employs Laura F. Glenholm?\nA:"]
+    with MemoryBank.open(bank_dir) as bank:
+        reader = load_reader(None, model, tokenizer, bank=bank)
+        encoded = []
+        encode = reader.question.encoder.encode
+        reader.question.encoder.encode = lambda texts: encoded.extend(texts) or encode(texts)
+        assert decode_tokens_per_s(model, reader, prompts, batch_size=2, new_tokens=2) > 0
+    asked = [t for t in encoded if t.startswith("Q:")]  # (the entries' keys are encoded on first use)
+    assert len(asked) == 4  # the warm-up's two questions, and the timed pass's two again

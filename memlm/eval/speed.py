@@ -29,6 +29,7 @@ def decode_tokens_per_s(
 
     if warmup:
         run(prompts[:batch_size])
+    cold(reader)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -36,3 +37,11 @@ def decode_tokens_per_s(
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return len(prompts) * new_tokens / (time.perf_counter() - t0)
+
+
+def cold(reader) -> None:
+    """Forget the reader's encodings of queries (the question reader's embeddings, LMLM's sentence vectors):
+    every timed decode encodes its prompts, as RAG's and Memory³'s do, whatever an earlier pass asked."""
+    for cache in (getattr(reader, "question", None), getattr(reader, "_relations", None)):
+        if cache is not None:
+            cache.clear_cache()

@@ -381,6 +381,8 @@ class ExplicitInputs:
     reads: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, read_k) ids read (provenance)
     # query_encoder — n -> (cosines, rows), each (B, n): the text's search, once per batch (not per decoding step)
     text_hits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # layer -> (weights' versions, rows, keys/values, mask) of the entries it last read (no gradient)
+    read_kv: dict[int, tuple] = field(default_factory=dict)
 
     def search_text(self, n: int) -> tuple[Tensor, Tensor]:
         if n not in self.text_hits:
@@ -519,21 +521,22 @@ class ExplicitLMLayer(nn.Module):
         q = self.query(x).float()
         return join_halves(*q.chunk(2, dim=-1)) if self.o.key == "parts" else F.normalize(q, dim=-1)
 
-    def _read(
-        self, x: Tensor, rows: Tensor, weight: Tensor, inputs: ExplicitInputs, batch_row: Tensor
-    ) -> Tensor:
-        """Cross-attention of each token (n, C) to the token states of its ``rows`` (n, k), plus a null slot."""
-        table, n, k = inputs.table, *rows.shape
-        H, hd = self.n_head, self.head_dim
-        # Which text each pick reads: the table row, or this sample's swapped copy of it (training).
-        virtual = rows.clone()
-        if inputs.swap_rows is not None and inputs.swap_rows.numel():
-            S = inputs.swap_rows.shape[1]
-            mine = inputs.swap_rows[batch_row]  # (n, S)
-            hit = (rows[:, :, None] == mine[:, None, :]) & (rows[:, :, None] >= 0)  # (n, k, S)
-            swapped = hit.any(-1)
-            virtual = torch.where(swapped, len(table) + batch_row[:, None] * S + hit.float().argmax(-1), rows)
-        uniq, inv = torch.unique(virtual.clamp(min=0), return_inverse=True)
+    def _entry_kv(self, uniq: Tensor, inputs: ExplicitInputs, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The keys/values (U, L, 2C) and token mask (U, L) of the rows ``uniq`` read (swapped copies past the
+        table's end).
+
+        Without gradient they are kept for the batch while the rows and the weights stay the same: a decoding
+        step reads the entries the prompt read (the question's picks), and would otherwise encode them again.
+        """
+        table = inputs.table
+        memo = None
+        if not torch.is_grad_enabled() and (inputs.swap_tokens is None or not inputs.swap_tokens.numel()):
+            # the weights and the entries' tokens: moved or updated in place (an optimizer, an edit), computed again
+            depends = (*self.parameters(), *self.encoder.parameters(), inputs.embed.weight, table.text_tokens)
+            memo = tuple((p.data_ptr(), p._version) for p in depends)
+            kept = inputs.read_kv.get(self.layer_idx)
+            if kept is not None and kept[0] == memo and torch.equal(kept[1], uniq):
+                return kept[2], kept[3]
         tokens = table.text_tokens[uniq.clamp(max=len(table) - 1)]
         if inputs.swap_tokens is not None and inputs.swap_tokens.numel():
             over = inputs.swap_tokens.flatten(0, 1)
@@ -555,10 +558,31 @@ class ExplicitLMLayer(nn.Module):
                 F.pad(slot_states, (0, 0, 0, Lr - slot_states.shape[1])),
                 F.pad(states, (0, 0, 0, Lr - L)),
             )
-            slot_mask = torch.arange(Lr, device=x.device) < slot_states.shape[1]
+            slot_mask = torch.arange(Lr, device=uniq.device) < slot_states.shape[1]
             mask = torch.where(is_slot, slot_mask, F.pad(mask, (0, Lr - L)))
             L = Lr
-        kv = self.wkv(states.to(x.dtype))  # (U, L, 2C)
+        kv = self.wkv(states.to(dtype))  # (U, L, 2C)
+        if memo is not None:
+            inputs.read_kv[self.layer_idx] = (memo, uniq, kv, mask)
+        return kv, mask
+
+    def _read(
+        self, x: Tensor, rows: Tensor, weight: Tensor, inputs: ExplicitInputs, batch_row: Tensor
+    ) -> Tensor:
+        """Cross-attention of each token (n, C) to the token states of its ``rows`` (n, k), plus a null slot."""
+        table, n, k = inputs.table, *rows.shape
+        H, hd = self.n_head, self.head_dim
+        # Which text each pick reads: the table row, or this sample's swapped copy of it (training).
+        virtual = rows.clone()
+        if inputs.swap_rows is not None and inputs.swap_rows.numel():
+            S = inputs.swap_rows.shape[1]
+            mine = inputs.swap_rows[batch_row]  # (n, S)
+            hit = (rows[:, :, None] == mine[:, None, :]) & (rows[:, :, None] >= 0)  # (n, k, S)
+            swapped = hit.any(-1)
+            virtual = torch.where(swapped, len(table) + batch_row[:, None] * S + hit.float().argmax(-1), rows)
+        uniq, inv = torch.unique(virtual.clamp(min=0), return_inverse=True)
+        kv, mask = self._entry_kv(uniq, inputs, x.dtype)  # (U, L, 2C), (U, L)
+        L = mask.shape[1]
         kv = kv[inv] * weight[:, :, None, None].to(kv.dtype)  # (n, k, L, 2C): straight-through weights
         mask = mask[inv] & (rows >= 0)[:, :, None]  # (n, k, L)
         kk, vv = kv.view(n, k * L, 2, H, hd).unbind(2)  # (n, kL, H, hd)

@@ -192,7 +192,14 @@ class ProductKeySearch:
     def search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(n, d) queries -> (scores (n, k), rows (n, k)) by the cached keys, best first; -1 / -inf pad."""
         rows = self.candidates(q)
-        scores = torch.einsum("nd,nmd->nm", q.float(), self.keys[rows.clamp(min=0)])
+        uniq, inv = rows.clamp(min=0).unique(return_inverse=True)
+        if len(uniq) * 4 <= rows.shape[1] * q.shape[1]:
+            # Fewer scores (n, U) than the floats of every query's own copy of its candidates' keys (n, M, d):
+            # score the distinct candidates once. A prompt's positions share most of them, and the copy was
+            # most of a prompt's search (n positions x 512 candidates x d).
+            scores = (q.float() @ self.keys[uniq].T).gather(1, inv)
+        else:
+            scores = torch.einsum("nd,nmd->nm", q.float(), self.keys[rows.clamp(min=0)])
         return _top(scores.masked_fill(rows < 0, float("-inf")), rows, k)
 
     @torch.no_grad()

@@ -355,17 +355,28 @@ class KnowledgeAttention(nn.Module):
             mask = (torch.arange(L, device=h.device) < vlen[slot][..., None]).flatten(-2)  # (B, T, N*L)
             before = F.pad(vtok, (1, 0), value=table.pad_id)[:, :-1][slot].flatten(-2)  # predecessors
             qs = qh / math.sqrt(d)
-            s_own = torch.einsum("bthd,vhd->bthv", qs, k_own)  # (B, T, H, V)
-            s_prev = torch.einsum("bthd,vhd->bthv", qs, k_prev)
             s_pos = torch.einsum(
                 "bthd,lhd->bthl", qs, self.wk(self.encoder.value_pos.weight[:L]).view(L, H, d)
             )
-            idx, idx_before = (x[:, :, None].expand(B, T, H, N * L) for x in (ids, before))
-            att = s_own.gather(-1, idx) + s_prev.gather(-1, idx_before) + s_pos.repeat(1, 1, 1, N)
+            # Without gradient and with fewer read tokens than vocabulary rows per position (decoding reads
+            # one entry: N*L ~ 12 vs V = 2048), the read tokens' keys and values are gathered instead: the
+            # same sums, a fraction of the work (the vocabulary-wide products were most of a decode step).
+            gather = not torch.is_grad_enabled() and N * L * C <= H * V
+            if gather:
+                kk = k_own[ids] + k_prev[before]  # (B, T, N*L, H, d)
+                att = torch.einsum("bthd,btjhd->bthj", qs, kk) + s_pos.repeat(1, 1, 1, N)
+            else:
+                s_own = torch.einsum("bthd,vhd->bthv", qs, k_own)  # (B, T, H, V)
+                s_prev = torch.einsum("bthd,vhd->bthv", qs, k_prev)
+                idx, idx_before = (x[:, :, None].expand(B, T, H, N * L) for x in (ids, before))
+                att = s_own.gather(-1, idx) + s_prev.gather(-1, idx_before) + s_pos.repeat(1, 1, 1, N)
             att = att + bias.repeat_interleave(L, dim=-1)  # (B, T, H, N*L)
             w = torch.nan_to_num(att.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1))
-            w_vocab = torch.zeros(B, T, H, V, dtype=w.dtype, device=h.device).scatter_add(-1, idx, w)
-            out = torch.einsum("bthv,vhd->bthd", w_vocab, v_own)
+            if gather:
+                out = torch.einsum("bthj,btjhd->bthd", w, v_own[ids])
+            else:
+                w_vocab = torch.zeros(B, T, H, V, dtype=w.dtype, device=h.device).scatter_add(-1, idx, w)
+                out = torch.einsum("bthv,vhd->bthd", w_vocab, v_own)
         y = self.wo(out.reshape(B, T, C))
 
         memory.retrieved_ids = table.ids[rows]  # (B, T, N) bank ids, best first

@@ -46,6 +46,10 @@ class QuestionReader:
                 )
         return self._encoder
 
+    def clear_cache(self) -> None:
+        """Forget the cached embeddings (speed measurements start every design cold)."""
+        self._cache.clear()
+
     def embed(self, texts: Sequence[str]) -> Tensor:
         """(B, E) embeddings of each text's first sentence or line (cached by that sentence)."""
         queries = [query_text(t) for t in texts]
