@@ -584,3 +584,19 @@ def test_minilm_maps_phrasings_the_model_never_saw_to_the_bank_relation(bank, to
             "employer_city": "Q: In which city does someone work? A:"}  # fmt: skip
     got = reader.relations.resolve(list(asks.values()), ["major"] * len(asks))
     assert [r for r, _ in got] == list(asks)
+
+
+def test_the_bank_size_timing_sets_up_the_fuzzy_index_before_it_starts(bios, bank, tokenizer, monkeypatch):
+    """The experiment's seconds per question time the questions: the fuzzy index of subject names, which LMLM's
+    first inexact lookup builds (minutes at a million entries), is set up before."""
+    from memlm import experiment
+    from memlm.eval.qa import load_qa
+
+    model = lmlm_model()
+    gen = Generator(model, tokenizer, reader=load_reader(None, model, tokenizer, bank=bank))
+    ask, built = experiment._ask, []
+    monkeypatch.setattr(
+        experiment, "_ask", lambda g, r, n: built.append(g.reader.index._fuzzy is not None) or ask(g, r, n)
+    )
+    report, setup, seconds = experiment._timed_ask(gen, load_qa(bios, "unseen")[:2], 2)
+    assert built == [True] and report.n == 2 and setup > 0 and seconds > 0
