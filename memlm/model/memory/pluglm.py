@@ -358,9 +358,10 @@ class KnowledgeAttention(nn.Module):
             s_pos = torch.einsum(
                 "bthd,lhd->bthl", qs, self.wk(self.encoder.value_pos.weight[:L]).view(L, H, d)
             )
-            # Without gradient and with fewer read tokens than vocabulary rows per position (decoding reads
-            # one entry: N*L ~ 12 vs V = 2048), the read tokens' keys and values are gathered instead: the
-            # same sums, a fraction of the work (the vocabulary-wide products were most of a decode step).
+            # Without gradient, when the read tokens' keys (N*L x C per position) are no bigger than the
+            # vocabulary-wide scores (H x V; decoding reads one entry of ~12 tokens), they and their values are
+            # gathered instead: the same sums, a fraction of the work (the vocabulary-wide products were most
+            # of a decode step's memory layer).
             gather = not torch.is_grad_enabled() and N * L * C <= H * V
             if gather:
                 kk = k_own[ids] + k_prev[before]  # (B, T, N*L, H, d)
