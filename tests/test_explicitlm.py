@@ -266,7 +266,8 @@ def test_product_keys_equal_exact_search_when_every_cell_is_searched_and_find_mo
     torch.testing.assert_close(full_s, exact_s)
     # candidates per query: n_cells * cap, not N
     assert s.candidates(q).shape[1] == 8 * s.cap < 2000 / 4
-    # a batch scores its distinct candidates once (a matmul), one query its own candidates: the same numbers
+    # one query scores its few distinct candidates with one matmul; the batch (1,715 distinct, more than the
+    # copies cost) scores each query's own copy of its candidates: the same numbers
     for i in range(0, 300, 37):
         one_s, one_r = s.search(q[i : i + 1], 5)
         assert torch.equal(one_r[0], approx_r[i])

@@ -529,8 +529,9 @@ class ExplicitLMLayer(nn.Module):
         step reads the entries the prompt read (the question's picks), and would otherwise encode them again.
         """
         table = inputs.table
+        swaps = inputs.swap_tokens is not None and inputs.swap_tokens.numel() > 0
         memo = None
-        if not torch.is_grad_enabled() and (inputs.swap_tokens is None or not inputs.swap_tokens.numel()):
+        if not torch.is_grad_enabled() and not swaps:
             # the weights and the entries' tokens: moved or updated in place (an optimizer, an edit), computed again
             depends = (*self.parameters(), *self.encoder.parameters(), inputs.embed.weight, table.text_tokens)
             memo = tuple((p.data_ptr(), p._version) for p in depends)
@@ -538,7 +539,7 @@ class ExplicitLMLayer(nn.Module):
             if kept is not None and kept[0] == memo and torch.equal(kept[1], uniq):
                 return kept[2], kept[3]
         tokens = table.text_tokens[uniq.clamp(max=len(table) - 1)]
-        if inputs.swap_tokens is not None and inputs.swap_tokens.numel():
+        if swaps:
             over = inputs.swap_tokens.flatten(0, 1)
             tokens = torch.where(
                 (uniq >= len(table))[:, None],
